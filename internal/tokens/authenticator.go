@@ -1,0 +1,249 @@
+package tokens
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sync/singleflight"
+)
+
+// Finder is what the authenticator needs from a key store: two indexed
+// lookups. Both return ErrNotFound for a key they do not hold, and any other
+// error for a store that could not answer.
+type Finder interface {
+	KeyByPublic(ctx context.Context, publicKey string) (*Key, error)
+	// KeyByDigest finds the token whose digest is any of digests (one per
+	// configured pepper).
+	KeyByDigest(ctx context.Context, digests []Digest) (*Key, error)
+}
+
+// Options tune the authenticator. Zero values take the documented defaults.
+type Options struct {
+	CacheSize    int           // entries; default 100000
+	TTL          time.Duration // positive decisions; default 5m
+	NegativeTTL  time.Duration // denials; default 30s
+	MaxStale     time.Duration // serve past TTL while the store is down; 0 disables
+	StoreTimeout time.Duration // per store lookup; default 100ms
+	Now          func() time.Time
+	Logger       *zap.Logger
+}
+
+// Stats are cumulative counters, safe to read at any time.
+type Stats struct {
+	CacheHits, CacheNegativeHits, CacheMisses atomic.Uint64
+	StaleServed                               atomic.Uint64
+	StoreLookups, StoreErrors                 atomic.Uint64
+	SharedLookups                             atomic.Uint64 // misses that joined a lookup in flight
+	Invalidated                               atomic.Uint64 // cache entries dropped by invalidation
+}
+
+// Authenticator resolves credentials to principals: one HMAC, then the
+// in-process cache, and on a miss one store lookup shared by every
+// concurrent request for the same credential.
+type Authenticator struct {
+	hasher  *Hasher
+	store   Finder
+	cache   *Cache
+	flights singleflight.Group
+	opts    Options
+	log     *zap.Logger
+	stats   Stats
+}
+
+// NewAuthenticator wires the lookup chain.
+func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
+	if o.CacheSize <= 0 {
+		o.CacheSize = 100000
+	}
+	if o.TTL <= 0 {
+		o.TTL = 5 * time.Minute
+	}
+	if o.NegativeTTL <= 0 {
+		o.NegativeTTL = 30 * time.Second
+	}
+	if o.StoreTimeout <= 0 {
+		o.StoreTimeout = 100 * time.Millisecond
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger}
+}
+
+// Stats exposes the counters.
+func (a *Authenticator) Stats() *Stats { return &a.stats }
+
+// Cache exposes the cache for size and eviction metrics.
+func (a *Authenticator) Cache() *Cache { return a.cache }
+
+// Result is the outcome of Authenticate for a credential that reached a
+// decision. KeyID and TenantID are set whenever the key is known and its
+// secret matched, even on ErrRevoked or ErrExpired, for logs and metadata.
+type Result struct {
+	Principal *Principal
+	KeyID     string
+	TenantID  string
+}
+
+// Authenticate resolves c. It returns a Result with a nil error for an
+// allowed credential; ErrUnknown, ErrRevoked or ErrExpired for a denial;
+// or an error wrapping ErrUnavailable (or the context's error) when no
+// decision could be reached.
+func (a *Authenticator) Authenticate(ctx context.Context, c Credential) (Result, error) {
+	k := a.hasher.Digest(c.raw)
+	now := a.opts.Now().UnixNano()
+	d, state := a.cache.get(k, now)
+	if state == cacheFresh {
+		if d.err != nil {
+			a.stats.CacheNegativeHits.Add(1)
+		} else {
+			a.stats.CacheHits.Add(1)
+		}
+		return d.result(), d.err
+	}
+	a.stats.CacheMisses.Add(1)
+
+	ch := a.flights.DoChan(string(k[:]), func() (any, error) {
+		// The lookup outlives any one caller: it is shared, and its result
+		// is cached for the others.
+		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.opts.StoreTimeout)
+		defer cancel()
+		return a.resolve(lctx, k, c)
+	})
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+	if res.Shared {
+		a.stats.SharedLookups.Add(1)
+	}
+	if res.Err != nil {
+		if state == cacheStale {
+			a.stats.StaleServed.Add(1)
+			return d.result(), d.err
+		}
+		return Result{}, res.Err
+	}
+	nd := res.Val.(*decision)
+	return nd.result(), nd.err
+}
+
+func (d *decision) result() Result {
+	return Result{Principal: d.principal, KeyID: d.keyID, TenantID: d.tenantID}
+}
+
+// resolve asks the store and caches what it learns. A store failure is
+// returned as an error wrapping ErrUnavailable and caches nothing.
+func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*decision, error) {
+	a.stats.StoreLookups.Add(1)
+	var key *Key
+	var err error
+	switch c.kind {
+	case KindPair:
+		key, err = a.store.KeyByPublic(ctx, c.public)
+	default:
+		key, err = a.store.KeyByDigest(ctx, a.hasher.DigestAll(c.raw))
+	}
+	now := a.opts.Now()
+	d := &decision{err: ErrUnknown}
+	switch {
+	case errors.Is(err, ErrNotFound):
+		if c.kind == KindPair {
+			// Same work as a wrong secret, so timing does not tell an
+			// unknown public key from a known one.
+			a.hasher.Verify("", c.secret, nil)
+		}
+	case err != nil:
+		a.stats.StoreErrors.Add(1)
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	default:
+		d = a.judge(key, c, now)
+	}
+	a.store1(k, d, now)
+	return d, nil
+}
+
+// judge verifies the secret, then reports status: revoked and expired are
+// told only to a caller who proved the secret.
+func (a *Authenticator) judge(key *Key, c Credential, now time.Time) *decision {
+	secret := c.raw
+	if c.kind == KindPair {
+		secret = c.secret
+	}
+	if key.Kind != c.kind || !a.hasher.Verify(key.PepperID, secret, key.Digest) {
+		return &decision{err: ErrUnknown}
+	}
+	d := &decision{keyID: key.ID, tenantID: key.TenantID}
+	switch key.Status(now) {
+	case "revoked":
+		d.err = ErrRevoked
+	case "expired":
+		d.err = ErrExpired
+	default:
+		d.principal = NewPrincipal(key)
+	}
+	return d
+}
+
+// store1 caches d: positives for TTL, denials for NegativeTTL, and a
+// positive never past the key's expiry, stale or not.
+func (a *Authenticator) store1(k Digest, d *decision, now time.Time) {
+	ttl := a.opts.NegativeTTL
+	if d.err == nil {
+		ttl = a.opts.TTL
+	}
+	fresh := now.Add(ttl).UnixNano()
+	stale := now.Add(ttl + a.opts.MaxStale).UnixNano()
+	if d.principal != nil && !d.principal.ExpiresAt.IsZero() {
+		exp := d.principal.ExpiresAt.UnixNano()
+		fresh, stale = min(fresh, exp), min(stale, exp)
+	}
+	a.cache.put(k, d, fresh, stale)
+}
+
+// InvalidateKeys drops every cached decision of these key ids.
+func (a *Authenticator) InvalidateKeys(ids ...string) int {
+	if len(ids) == 0 {
+		return 0
+	}
+	set := make(map[string]struct{}, len(ids))
+	for _, id := range ids {
+		set[id] = struct{}{}
+	}
+	n := a.cache.dropWhere(func(d *decision) bool {
+		_, ok := set[d.keyID]
+		return ok && d.keyID != ""
+	})
+	a.stats.Invalidated.Add(uint64(n))
+	return n
+}
+
+// InvalidateTenant drops every cached decision of a tenant's keys.
+func (a *Authenticator) InvalidateTenant(tenant string) int {
+	n := a.cache.dropWhere(func(d *decision) bool { return d.tenantID == tenant && d.keyID != "" })
+	a.stats.Invalidated.Add(uint64(n))
+	return n
+}
+
+// InvalidateAll empties the cache: for a store that can no longer tell
+// what changed.
+func (a *Authenticator) InvalidateAll() int {
+	n := a.cache.dropWhere(func(*decision) bool { return true })
+	a.stats.Invalidated.Add(uint64(n))
+	return n
+}
+
+// ForgetUnknown drops cached "unknown credential" denials, so that a key
+// imported or created a moment after a failed attempt works at once.
+func (a *Authenticator) ForgetUnknown() int {
+	return a.cache.dropWhere(func(d *decision) bool { return d.keyID == "" })
+}
