@@ -109,8 +109,16 @@ func (a *Authenticator) Authenticate(ctx context.Context, c Credential) (Result,
 		return d.result(), d.err
 	}
 	a.stats.CacheMisses.Add(1)
+	return a.miss(ctx, k, c, d, state)
+}
 
+// miss resolves a credential the cache could not answer freshly. It is a
+// separate function so that the closure below, which moves its arguments to
+// the heap, costs nothing on the hit path.
+func (a *Authenticator) miss(ctx context.Context, k Digest, c Credential, d *decision, state int) (Result, error) {
+	led := false // set only when this caller's function runs the lookup
 	ch := a.flights.DoChan(string(k[:]), func() (any, error) {
+		led = true
 		// The lookup outlives any one caller: it is shared, and its result
 		// is cached for the others.
 		lctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), a.opts.StoreTimeout)
@@ -123,7 +131,7 @@ func (a *Authenticator) Authenticate(ctx context.Context, c Credential) (Result,
 	case <-ctx.Done():
 		return Result{}, ctx.Err()
 	}
-	if res.Shared {
+	if !led {
 		a.stats.SharedLookups.Add(1)
 	}
 	if res.Err != nil {

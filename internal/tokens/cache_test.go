@@ -1,0 +1,105 @@
+package tokens
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"sync"
+	"testing"
+)
+
+func digestOf(i int) Digest {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], uint64(i))
+	return sha256.Sum256(b[:])
+}
+
+func TestCacheBounded(t *testing.T) {
+	t.Parallel()
+	c := NewCache(cacheShards * 10)
+	for i := range 10000 {
+		c.put(digestOf(i), &decision{}, 100, 100)
+	}
+	if n := c.Len(); n > cacheShards*10 {
+		t.Fatalf("len = %d, want <= %d", n, cacheShards*10)
+	}
+	if c.Evictions() == 0 {
+		t.Fatal("no evictions counted")
+	}
+}
+
+func TestCacheSieveKeepsHotEntries(t *testing.T) {
+	t.Parallel()
+	c := NewCache(cacheShards * 4)
+	hot := digestOf(-1)
+	c.put(hot, &decision{keyID: "hot"}, 100, 100)
+	for i := range 5000 {
+		// The hot entry is read between every insertion.
+		if d, st := c.get(hot, 0); st != cacheFresh || d.keyID != "hot" {
+			t.Fatalf("hot entry evicted after %d insertions", i)
+		}
+		c.put(digestOf(i), &decision{}, 100, 100)
+	}
+}
+
+func TestCacheFreshStaleExpired(t *testing.T) {
+	t.Parallel()
+	c := NewCache(100)
+	k := digestOf(1)
+	c.put(k, &decision{keyID: "a"}, 10, 20)
+	for _, tc := range []struct {
+		now  int64
+		want int
+	}{{0, cacheFresh}, {9, cacheFresh}, {10, cacheStale}, {19, cacheStale}, {20, cacheMiss}} {
+		if _, st := c.get(k, tc.now); st != tc.want {
+			t.Errorf("at %d: state %d, want %d", tc.now, st, tc.want)
+		}
+	}
+	// Overwrite in place.
+	c.put(k, &decision{keyID: "b"}, 30, 30)
+	if d, st := c.get(k, 25); st != cacheFresh || d.keyID != "b" || c.Len() != 1 {
+		t.Fatalf("overwrite: %v %d len %d", d, st, c.Len())
+	}
+	c.drop(k)
+	if _, st := c.get(k, 0); st != cacheMiss {
+		t.Fatal("drop left the entry")
+	}
+}
+
+func TestCacheConcurrent(t *testing.T) {
+	t.Parallel()
+	c := NewCache(500)
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 5000 {
+				k := digestOf(i % 2000)
+				if i%3 == 0 {
+					c.put(k, &decision{keyID: "x"}, 100, 100)
+				} else {
+					c.get(k, int64(g))
+				}
+				if i%1000 == 0 {
+					c.dropWhere(func(d *decision) bool { return d.keyID == "x" && i%2 == 0 })
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if c.Len() > 500+cacheShards {
+		t.Fatalf("len %d over bound", c.Len())
+	}
+	// The linked lists and maps agree.
+	for i := range c.shards {
+		s := &c.shards[i]
+		n := 0
+		for e := s.head; e != nil; e = e.next {
+			if s.m[e.key] != e {
+				t.Fatal("list entry not in map")
+			}
+			n++
+		}
+		if n != len(s.m) {
+			t.Fatalf("shard %d: list %d, map %d", i, n, len(s.m))
+		}
+	}
+}
