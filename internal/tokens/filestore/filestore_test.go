@@ -1,0 +1,98 @@
+package filestore
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/storetest"
+)
+
+func open(t *testing.T, path string) *Store {
+	t.Helper()
+	s, err := Open(path, Options{PollInterval: 20 * time.Millisecond, Logger: zaptest.NewLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestStoreSuite(t *testing.T) {
+	storetest.Run(t, func(t *testing.T) (tokens.Store, func() tokens.Store) {
+		path := filepath.Join(t.TempDir(), "sub", "keys.json")
+		return open(t, path), func() tokens.Store { return open(t, path) }
+	})
+}
+
+func TestFileHoldsNoSecretAndIsPrivate(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "keys.json")
+	s := open(t, path)
+	k := storetest.NewKey(t, "acme", tokens.KindPair)
+	if err := s.Create(context.Background(), k); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("mode %v, want 0600", fi.Mode().Perm())
+	}
+	b, _ := os.ReadFile(path)
+	if strings.Contains(string(b), "sk_") {
+		t.Error("file contains a secret key")
+	}
+}
+
+func TestCorruptFileKeepsLastGoodCopy(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "keys.json")
+	s := open(t, path)
+	ctx := context.Background()
+	k := storetest.NewKey(t, "acme", tokens.KindPair)
+	if err := s.Create(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, []byte(`{"version":1,"keys":[{"id":`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Ping(ctx); err == nil {
+		t.Error("ping healthy on a corrupt file")
+	}
+	if _, err := s.KeyByPublic(ctx, k.PublicKey); err != nil {
+		t.Errorf("lookup after corruption: %v, want the last good copy", err)
+	}
+	// Writers refuse to overwrite what they cannot read: no lost data.
+	if err := s.Create(ctx, storetest.NewKey(t, "acme", tokens.KindToken)); err == nil {
+		t.Error("write over a corrupt file succeeded")
+	}
+	if _, err := Open(path, Options{}); err == nil {
+		t.Error("open of a corrupt file succeeded")
+	}
+}
+
+func TestRejectsUnknownVersionAndFields(t *testing.T) {
+	t.Parallel()
+	for name, body := range map[string]string{
+		"version": `{"version":2,"keys":[]}`,
+		"field":   `{"version":1,"keys":[],"secret":"x"}`,
+		"digest":  `{"version":1,"keys":[{"id":"a","kind":"token","digest":"zz"}]}`,
+		"kind":    `{"version":1,"keys":[{"id":"a","kind":"jwt","digest":""}]}`,
+	} {
+		path := filepath.Join(t.TempDir(), name+".json")
+		os.WriteFile(path, []byte(body), 0o600)
+		if _, err := Open(path, Options{}); err == nil {
+			t.Errorf("%s: accepted", name)
+		}
+	}
+	if _, err := Open(filepath.Join(t.TempDir(), "missing.json"), Options{}); err != nil {
+		t.Errorf("missing file: %v, want an empty store", err)
+	}
+}

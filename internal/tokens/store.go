@@ -1,0 +1,79 @@
+package tokens
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// Store is a key store: the two lookups the authenticator needs, and the
+// management operations of the keys CLI. Implementations live in leaf
+// packages (filestore, pgstore) and pass the suite in storetest.
+type Store interface {
+	Finder
+	// Ping reports whether the store can answer.
+	Ping(ctx context.Context) error
+	// Create adds a key; ErrConflict if its id, public key or token
+	// digest exists.
+	Create(ctx context.Context, k *Key) error
+	// Import adds all keys or none. A conflict is an *ImportError naming
+	// the offending key's index.
+	Import(ctx context.Context, keys []*Key) error
+	// List returns the keys of a tenant ("" for all), revoked ones
+	// included, oldest first.
+	List(ctx context.Context, tenant string) ([]*Key, error)
+	// Revoke marks a key revoked at at; ErrNotFound for an unknown id.
+	// Revoking a revoked key keeps its first revocation time.
+	Revoke(ctx context.Context, id string, at time.Time) error
+	// RevokeTenant revokes every active key of a tenant and returns their ids.
+	RevokeTenant(ctx context.Context, tenant string, at time.Time) ([]string, error)
+	// Delete removes a key; ErrNotFound for an unknown id.
+	Delete(ctx context.Context, id string) error
+	// RecordUsage adds request counts and advances last-used times. Ids
+	// that no longer exist are ignored.
+	RecordUsage(ctx context.Context, usage []Usage) error
+	// Watch calls fn for every change made to the store by anyone, until
+	// ctx ends. A store that lost track of changes reports All.
+	Watch(ctx context.Context, fn func(Change)) error
+	Close() error
+}
+
+// Usage is the activity of one key since the last write.
+type Usage struct {
+	KeyID    string
+	LastUsed time.Time
+	Requests int64
+}
+
+// Change names what a store change may have made stale.
+type Change struct {
+	KeyIDs []string // keys revoked, deleted or modified
+	Tenant string    // every key of this tenant
+	Added  bool      // keys were created: cached "unknown" denials are stale
+	All    bool      // the store cannot say: drop everything
+}
+
+// Apply drops the cached decisions a change makes stale.
+func (a *Authenticator) Apply(c Change) int {
+	n := 0
+	switch {
+	case c.All:
+		return a.InvalidateAll()
+	case c.Tenant != "":
+		n += a.InvalidateTenant(c.Tenant)
+	}
+	n += a.InvalidateKeys(c.KeyIDs...)
+	if c.Added {
+		n += a.ForgetUnknown()
+	}
+	return n
+}
+
+// ImportError names the key of an import batch that could not be stored.
+type ImportError struct {
+	Index int // 0-based position in the batch
+	Err   error
+}
+
+func (e *ImportError) Error() string { return fmt.Sprintf("key %d: %v", e.Index, e.Err) }
+func (e *ImportError) Unwrap() error { return e.Err }
