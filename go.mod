@@ -4,11 +4,15 @@ go 1.26.8
 
 require (
 	github.com/google/go-cmp v0.7.0
+	github.com/jackc/pgx/v5 v5.12.0
 	go.uber.org/zap v1.28.0
 	golang.org/x/sync v0.24.0
 )
 
 require (
-	github.com/stretchr/testify v1.11.1 // indirect
+	github.com/jackc/pgpassfile v1.0.0 // indirect
+	github.com/jackc/pgservicefile v0.0.0-20240606120523-5a60cdf6a761 // indirect
+	github.com/jackc/puddle/v2 v2.2.3 // indirect
 	go.uber.org/multierr v1.10.0 // indirect
+	golang.org/x/text v0.41.0 // indirect
 )

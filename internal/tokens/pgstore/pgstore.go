@@ -1,0 +1,360 @@
+// Package pgstore is the PostgreSQL tokens.Store (pgx v5). Keys live in
+// extauthz.keys, holding digests only. Lookups are single indexed SELECTs;
+// changes are announced by a trigger on the channel extauthz_keys, which
+// Watch LISTENs to, so changes made directly in SQL reach every replica.
+package pgstore
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"go.uber.org/zap"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// Channel is the NOTIFY channel of key changes.
+const Channel = "extauthz_keys"
+
+// Store is a PostgreSQL key store.
+type Store struct {
+	pool *pgxpool.Pool
+	log  *zap.Logger
+}
+
+var _ tokens.Store = (*Store)(nil)
+
+// Open creates a connection pool for dsn. It does not connect: the first
+// query, or Ping, does.
+func Open(ctx context.Context, dsn string, log *zap.Logger) (*Store, error) {
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		// pgx's message may quote the DSN; keep the password out of it.
+		return nil, errors.New("pgstore: cannot parse the postgres connection string")
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = "extauthz"
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Store{pool: pool, log: log}, nil
+}
+
+// Pool is the connection pool, for migrations and schema checks.
+func (s *Store) Pool() *pgxpool.Pool { return s.pool }
+
+// Close closes the pool.
+func (s *Store) Close() error { s.pool.Close(); return nil }
+
+// Ping checks that the server answers and the schema is current.
+func (s *Store) Ping(ctx context.Context) error {
+	return CheckSchema(ctx, s.pool)
+}
+
+const keyColumns = `id::text, tenant_id, name, kind, public_key, digest, pepper_id, scopes,
+	created_at, expires_at, revoked_at, last_used_at, request_count`
+
+func scanKey(row pgx.Row) (*tokens.Key, error) {
+	var (
+		k                        tokens.Key
+		kind                     string
+		public                   *string
+		expires, revoked, usedAt *time.Time
+	)
+	err := row.Scan(&k.ID, &k.TenantID, &k.Name, &kind, &public, &k.Digest, &k.PepperID, &k.Scopes,
+		&k.CreatedAt, &expires, &revoked, &usedAt, &k.RequestCount)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, tokens.ErrNotFound
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	if k.Kind, err = tokens.ParseKind(kind); err != nil {
+		return nil, fmt.Errorf("pgstore: key %s: %w", k.ID, err)
+	}
+	if public != nil {
+		k.PublicKey = *public
+	}
+	k.CreatedAt = k.CreatedAt.UTC()
+	k.ExpiresAt, k.RevokedAt, k.LastUsedAt = utc(expires), utc(revoked), utc(usedAt)
+	return &k, nil
+}
+
+func utc(t *time.Time) time.Time {
+	if t == nil {
+		return time.Time{}
+	}
+	return t.UTC()
+}
+
+func nullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
+}
+
+// KeyByPublic implements tokens.Finder.
+func (s *Store) KeyByPublic(ctx context.Context, pk string) (*tokens.Key, error) {
+	return scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE public_key = $1`, pk))
+}
+
+// KeyByDigest implements tokens.Finder.
+func (s *Store) KeyByDigest(ctx context.Context, ds []tokens.Digest) (*tokens.Key, error) {
+	arg := make([][]byte, len(ds))
+	for i := range ds {
+		arg[i] = ds[i][:]
+	}
+	return scanKey(s.pool.QueryRow(ctx,
+		`SELECT `+keyColumns+` FROM extauthz.keys WHERE kind = 'token' AND digest = ANY($1) LIMIT 1`, arg))
+}
+
+const insertKey = `INSERT INTO extauthz.keys
+	(id, tenant_id, name, kind, public_key, digest, pepper_id, scopes, created_at, expires_at, revoked_at)
+	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)`
+
+func insertArgs(k *tokens.Key) []any {
+	var public *string
+	if k.Kind == tokens.KindPair {
+		public = &k.PublicKey
+	}
+	scopes := k.Scopes
+	if scopes == nil {
+		scopes = []string{}
+	}
+	return []any{k.ID, k.TenantID, k.Name, k.Kind.String(), public, k.Digest, k.PepperID, scopes,
+		k.CreatedAt, nullTime(k.ExpiresAt), nullTime(k.RevokedAt)}
+}
+
+// Create implements tokens.Store.
+func (s *Store) Create(ctx context.Context, k *tokens.Key) error {
+	_, err := s.pool.Exec(ctx, insertKey, insertArgs(k)...)
+	return mapErr(err)
+}
+
+// Import implements tokens.Store: one transaction, one batch.
+func (s *Store) Import(ctx context.Context, keys []*tokens.Key) error {
+	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+		b := &pgx.Batch{}
+		for _, k := range keys {
+			b.Queue(insertKey, insertArgs(k)...)
+		}
+		br := tx.SendBatch(ctx, b)
+		for i := range keys {
+			if _, err := br.Exec(); err != nil {
+				br.Close()
+				return &tokens.ImportError{Index: i, Err: mapErr(err)}
+			}
+		}
+		return br.Close()
+	})
+}
+
+// List implements tokens.Store.
+func (s *Store) List(ctx context.Context, tenant string) ([]*tokens.Key, error) {
+	rows, err := s.pool.Query(ctx, `SELECT `+keyColumns+` FROM extauthz.keys
+		WHERE $1 = '' OR tenant_id = $1 ORDER BY created_at, id`, tenant)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	defer rows.Close()
+	var out []*tokens.Key
+	for rows.Next() {
+		k, err := scanKey(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, k)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	return out, nil
+}
+
+// Revoke implements tokens.Store.
+func (s *Store) Revoke(ctx context.Context, id string, at time.Time) error {
+	// COALESCE keeps the first revocation time; touching revoked_at still
+	// fires the change trigger, which is harmless.
+	tag, err := s.pool.Exec(ctx, `UPDATE extauthz.keys SET revoked_at = COALESCE(revoked_at, $2) WHERE id = $1`, id, at)
+	if err := mapErr(err); err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return tokens.ErrNotFound
+	}
+	return nil
+}
+
+// RevokeTenant implements tokens.Store.
+func (s *Store) RevokeTenant(ctx context.Context, tenant string, at time.Time) ([]string, error) {
+	rows, err := s.pool.Query(ctx, `UPDATE extauthz.keys SET revoked_at = $2
+		WHERE tenant_id = $1 AND revoked_at IS NULL RETURNING id::text`, tenant, at)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	ids, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: %w", err)
+	}
+	return ids, nil
+}
+
+// Delete implements tokens.Store.
+func (s *Store) Delete(ctx context.Context, id string) error {
+	tag, err := s.pool.Exec(ctx, `DELETE FROM extauthz.keys WHERE id = $1`, id)
+	if err := mapErr(err); err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return tokens.ErrNotFound
+	}
+	return nil
+}
+
+// RecordUsage implements tokens.Store: one UPDATE for the whole batch.
+func (s *Store) RecordUsage(ctx context.Context, usage []tokens.Usage) error {
+	if len(usage) == 0 {
+		return nil
+	}
+	// One row per key, so that UPDATE ... FROM sees each key once.
+	agg := map[string]*tokens.Usage{}
+	for _, u := range usage {
+		if a := agg[u.KeyID]; a != nil {
+			a.Requests += u.Requests
+			if u.LastUsed.After(a.LastUsed) {
+				a.LastUsed = u.LastUsed
+			}
+		} else {
+			c := u
+			agg[u.KeyID] = &c
+		}
+	}
+	ids, times, counts := make([]string, 0, len(agg)), make([]time.Time, 0, len(agg)), make([]int64, 0, len(agg))
+	for _, u := range agg {
+		if !validUUID(u.KeyID) {
+			continue
+		}
+		ids, times, counts = append(ids, u.KeyID), append(times, u.LastUsed), append(counts, u.Requests)
+	}
+	_, err := s.pool.Exec(ctx, `UPDATE extauthz.keys AS k
+		SET request_count = k.request_count + u.n, last_used_at = GREATEST(k.last_used_at, u.t)
+		FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[]) AS u(id, t, n)
+		WHERE k.id = u.id`, ids, times, counts)
+	return mapErr(err)
+}
+
+func validUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'f' || c >= 'A' && c <= 'F') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// mapErr turns constraint violations into the tokens sentinels.
+func mapErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	var pe *pgconn.PgError
+	if errors.As(err, &pe) {
+		switch pe.Code {
+		case "23505": // unique_violation
+			return tokens.ErrConflict
+		case "22P02": // invalid_text_representation: not a uuid
+			return tokens.ErrNotFound
+		}
+	}
+	return fmt.Errorf("pgstore: %w", err)
+}
+
+func isUndefinedTable(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "42P01" || pe.Code == "3F000")
+}
+
+// Watch LISTENs on Channel over a dedicated connection. When the
+// connection drops it reconnects with backoff, and reports All once it is
+// back, since what changed in between is unknown.
+func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
+	backoff := 100 * time.Millisecond
+	lost := false
+	for {
+		err := s.listen(ctx, fn, func() {
+			backoff = 100 * time.Millisecond
+			if lost {
+				fn(tokens.Change{All: true})
+			}
+		})
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		lost = true
+		s.log.Warn("key change notifications interrupted; reconnecting", zap.Error(err), zap.Duration("backoff", backoff))
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+func (s *Store) listen(ctx context.Context, fn func(tokens.Change), connected func()) error {
+	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig.Copy())
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	if _, err := conn.Exec(ctx, "LISTEN "+Channel); err != nil {
+		return err
+	}
+	connected()
+	for {
+		n, err := conn.WaitForNotification(ctx)
+		if err != nil {
+			return err
+		}
+		fn(parseNotification(n.Payload))
+	}
+}
+
+// parseNotification reads the trigger's payload. Anything unreadable is
+// treated as "everything may have changed".
+func parseNotification(payload string) tokens.Change {
+	var p struct{ Op, ID, Tenant string }
+	if err := json.Unmarshal([]byte(payload), &p); err != nil {
+		return tokens.Change{All: true}
+	}
+	switch p.Op {
+	case "insert":
+		return tokens.Change{Added: true}
+	case "update", "delete":
+		if p.ID != "" {
+			return tokens.Change{KeyIDs: []string{p.ID}}
+		}
+	}
+	return tokens.Change{All: true}
+}
