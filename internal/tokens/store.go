@@ -48,9 +48,9 @@ type Usage struct {
 // Change names what a store change may have made stale.
 type Change struct {
 	KeyIDs []string // keys revoked, deleted or modified
-	Tenant string    // every key of this tenant
-	Added  bool      // keys were created: cached "unknown" denials are stale
-	All    bool      // the store cannot say: drop everything
+	Tenant string   // every key of this tenant
+	Added  bool     // keys were created: cached "unknown" denials are stale
+	All    bool     // the store cannot say: drop everything
 }
 
 // Apply drops the cached decisions a change makes stale.

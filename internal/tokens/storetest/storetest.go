@@ -406,4 +406,3 @@ func drain(ch chan tokens.Change) []tokens.Change {
 		}
 	}
 }
-

@@ -1,0 +1,253 @@
+// Package authz speaks Envoy: it turns an ext_authz CheckRequest (or an
+// HTTP check) into a credential, asks the tokens authenticator, and answers
+// with a CheckResponse whose status is always explicit. A denial is a
+// response; only an outage is an RPC error, so that the operator's
+// failure_mode_allow / status_on_error decide what an outage means.
+package authz
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// Authenticator resolves a credential; *tokens.Authenticator is one.
+type Authenticator interface {
+	Authenticate(ctx context.Context, c tokens.Credential) (tokens.Result, error)
+}
+
+// Reason is the outcome of a check.
+type Reason uint8
+
+// Outcomes. The strings are the "reason" of deny bodies and metrics.
+const (
+	Allowed Reason = iota
+	AllowedPublic
+	MissingCredential
+	MalformedCredential
+	AmbiguousCredential
+	InvalidCredential
+	Expired
+	Revoked
+	InsufficientScope
+	Unavailable // an outage: the RPC fails, no decision
+	numReasons
+)
+
+var reasonNames = [numReasons]string{
+	"allowed", "public", "missing_credential", "malformed_credential", "ambiguous_credential",
+	"invalid_credential", "expired", "revoked", "insufficient_scope", "unavailable",
+}
+
+func (r Reason) String() string { return reasonNames[r] }
+
+// Reasons lists every outcome, for metrics.
+func Reasons() []Reason {
+	out := make([]Reason, numReasons)
+	for i := range out {
+		out[i] = Reason(i)
+	}
+	return out
+}
+
+// Allow reports whether the outcome lets the request through.
+func (r Reason) Allow() bool { return r == Allowed || r == AllowedPublic }
+
+// Result is "allow", "deny" or "error", for metrics.
+func (r Reason) Result() string {
+	switch {
+	case r.Allow():
+		return "allow"
+	case r == Unavailable:
+		return "error"
+	}
+	return "deny"
+}
+
+// HTTPStatus is the status a client sees for the outcome.
+func (r Reason) HTTPStatus() int {
+	switch r {
+	case Allowed, AllowedPublic:
+		return 200
+	case InsufficientScope:
+		return 403
+	case Unavailable:
+		return 503
+	}
+	return 401
+}
+
+// Observer records each check's outcome and latency; cmd wires it to
+// Prometheus.
+type Observer interface {
+	Observe(r Reason, elapsed time.Duration)
+}
+
+// Request is what a check needs from the request, whichever protocol
+// carried it.
+type Request struct {
+	HasHTTP bool // false for Envoy's network (TCP) filter
+	Header  tokens.HeaderFunc
+	Method  string
+	Host    string
+	Path    string // as sent, query included
+	Scopes  string // comma-separated scopes from the route's context_extensions
+	ID      string // request id, for logs
+}
+
+// Decision is the outcome of a check.
+type Decision struct {
+	Reason Reason
+	// From is the header the credential came from, "" if none.
+	From string
+	// Result is set when the key is known: the principal on allow, the key
+	// and tenant ids on revoked, expired and insufficient scope.
+	Result tokens.Result
+}
+
+// Options configure a Service.
+type Options struct {
+	Extractor       *tokens.Extractor
+	Routes          *Routes // nil: no route rules
+	StripCredential bool
+	Realm           string // of www-authenticate; default "extauthz"
+	Logger          *zap.Logger
+	Observer        Observer // nil: none
+}
+
+// Service decides checks. It is safe for concurrent use.
+type Service struct {
+	auth Authenticator
+	opts Options
+	log  *zap.Logger
+	// denies holds one prebuilt, read-only CheckResponse per deny reason.
+	denies [numReasons]denyResponse
+}
+
+// NewService builds a Service.
+func NewService(a Authenticator, o Options) *Service {
+	if o.Extractor == nil {
+		o.Extractor = tokens.NewExtractor(tokens.DefaultSources)
+	}
+	if o.Realm == "" {
+		o.Realm = "extauthz"
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	s := &Service{auth: a, opts: o, log: o.Logger}
+	s.buildDenies()
+	return s
+}
+
+// Decide runs one check. The error is non-nil only when no decision could
+// be reached (key store down and nothing usable cached, or the caller gave
+// up); Decision.Reason is then Unavailable.
+func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
+	if !req.HasHTTP {
+		return Decision{Reason: MissingCredential}, nil
+	}
+	route := s.opts.Routes.Match(req.Host, req.Method, req.Path)
+	if route != nil && route.Public {
+		return Decision{Reason: AllowedPublic}, nil
+	}
+	cred, from, err := s.opts.Extractor.Extract(req.Header)
+	switch {
+	case errors.Is(err, tokens.ErrMissing):
+		return Decision{Reason: MissingCredential}, nil
+	case errors.Is(err, tokens.ErrAmbiguous):
+		return Decision{Reason: AmbiguousCredential}, nil
+	case err != nil:
+		return Decision{Reason: MalformedCredential, From: from}, nil
+	}
+	res, err := s.auth.Authenticate(ctx, cred)
+	d := Decision{From: from, Result: res}
+	switch {
+	case err == nil:
+	case errors.Is(err, tokens.ErrUnknown):
+		d.Reason = InvalidCredential
+		return d, nil
+	case errors.Is(err, tokens.ErrRevoked):
+		d.Reason = Revoked
+		return d, nil
+	case errors.Is(err, tokens.ErrExpired):
+		d.Reason = Expired
+		return d, nil
+	default:
+		d.Reason = Unavailable
+		return d, err
+	}
+	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(res.Principal, req.Scopes) {
+		d.Reason = InsufficientScope
+		return d, nil
+	}
+	d.Reason = Allowed
+	return d, nil
+}
+
+// hasScopeList checks a comma-separated list without allocating.
+func hasScopeList(p *tokens.Principal, list string) bool {
+	for list != "" {
+		var s string
+		s, list, _ = strings.Cut(list, ",")
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		found := false
+		for _, have := range p.Scopes {
+			if have == s {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// logDecision logs allows at Debug and denials at Info, naming the reason
+// and the key when known. It never logs a header value or the query string.
+func (s *Service) logDecision(req *Request, d Decision, err error, elapsed time.Duration) {
+	lvl := zap.InfoLevel
+	msg := "denied"
+	switch {
+	case d.Reason.Allow():
+		lvl, msg = zap.DebugLevel, "allowed"
+	case d.Reason == Unavailable:
+		lvl, msg = zap.WarnLevel, "no decision"
+	}
+	ce := s.log.Check(lvl, msg)
+	if ce == nil {
+		return
+	}
+	path := req.Path
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	fields := []zap.Field{
+		zap.String("reason", d.Reason.String()),
+		zap.String("method", req.Method),
+		zap.String("path", path),
+		zap.Duration("elapsed", elapsed),
+	}
+	if d.Result.KeyID != "" {
+		fields = append(fields, zap.String("key_id", d.Result.KeyID), zap.String("tenant_id", d.Result.TenantID))
+	}
+	if d.From != "" {
+		fields = append(fields, zap.String("credential_header", d.From))
+	}
+	if req.ID != "" {
+		fields = append(fields, zap.String("request_id", req.ID))
+	}
+	if err != nil {
+		fields = append(fields, zap.Error(err))
+	}
+	ce.Write(fields...)
+}

@@ -1,0 +1,270 @@
+package authz
+
+import (
+	"context"
+	"errors"
+	"time"
+	"unsafe"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
+	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// Header names injected for the upstream.
+const (
+	HeaderTenant = "x-tenant-id"
+	HeaderKeyID  = "x-api-key-id"
+	HeaderScopes = "x-api-key-scopes"
+)
+
+// MetadataNamespace is where Envoy stores our dynamic metadata.
+const MetadataNamespace = "envoy.filters.http.ext_authz"
+
+// AuthorizationService is the gRPC health service name of the check API.
+const AuthorizationService = "envoy.service.auth.v3.Authorization"
+
+// GRPC adapts a Service to envoy.service.auth.v3.Authorization.
+type GRPC struct {
+	authv3.UnimplementedAuthorizationServer
+	svc *Service
+}
+
+// NewGRPCServer returns a gRPC server with the Authorization service and
+// the standard health service registered.
+func NewGRPCServer(svc *Service, hs *health.Server, opts ...grpc.ServerOption) *grpc.Server {
+	srv := grpc.NewServer(opts...)
+	authv3.RegisterAuthorizationServer(srv, &GRPC{svc: svc})
+	healthpb.RegisterHealthServer(srv, hs)
+	return srv
+}
+
+// Check implements envoy.service.auth.v3.Authorization.
+func (g *GRPC) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	return g.svc.Check(ctx, in)
+}
+
+// Check answers a CheckRequest. Every response carries an explicit status
+// (an unset one would be an allow to Envoy), and every denial a
+// denied_response with its HTTP status (a bare code would be a 403).
+func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	start := time.Now()
+	req := checkRequest(in)
+	d, err := s.Decide(ctx, &req)
+	elapsed := time.Since(start)
+	if s.opts.Observer != nil {
+		s.opts.Observer.Observe(d.Reason, elapsed)
+	}
+	s.logDecision(&req, d, err, elapsed)
+	if err != nil {
+		switch {
+		case errors.Is(err, tokens.ErrUnavailable):
+			// Checked first: a store timeout wraps DeadlineExceeded too,
+			// but it is an outage, not the caller's deadline.
+			return nil, status.Error(codes.Unavailable, "key store unavailable")
+		case errors.Is(err, context.Canceled):
+			return nil, status.Error(codes.Canceled, "check canceled")
+		case errors.Is(err, context.DeadlineExceeded):
+			return nil, status.Error(codes.DeadlineExceeded, "check deadline exceeded")
+		}
+		return nil, status.Error(codes.Unavailable, "key store unavailable")
+	}
+	switch d.Reason {
+	case Allowed:
+		return s.allowResponse(&d), nil
+	case AllowedPublic:
+		return s.publicResponse(), nil
+	}
+	return s.denyResponse(&d), nil
+}
+
+// checkRequest extracts what a check needs. Envoy's network filter sends
+// no HTTP request at all.
+func checkRequest(in *authv3.CheckRequest) Request {
+	attrs := in.GetAttributes()
+	h := attrs.GetRequest().GetHttp()
+	if h == nil {
+		return Request{}
+	}
+	req := Request{
+		HasHTTP: true,
+		Method:  h.GetMethod(),
+		Host:    h.GetHost(),
+		Path:    h.GetPath(),
+		Scopes:  attrs.GetContextExtensions()["scopes"],
+	}
+	// header_map (encode_raw_headers, proxyless gRPC) wins when present.
+	if hm := h.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {
+		list := hm.GetHeaders()
+		req.Header = func(name string) (string, bool) { return headerMapGet(list, name) }
+	} else {
+		m := h.GetHeaders()
+		req.Header = func(name string) (string, bool) { v, ok := m[name]; return v, ok }
+	}
+	req.ID, _ = req.Header("x-request-id")
+	if req.Method == "" {
+		req.Method, _ = req.Header(":method")
+	}
+	if req.Host == "" {
+		req.Host, _ = req.Header(":authority")
+	}
+	if req.Path == "" {
+		req.Path, _ = req.Header(":path")
+	}
+	return req
+}
+
+// headerMapGet returns a header of a raw header list, joining repeated
+// lines with "," as Envoy's headers map does, so that duplicates are judged
+// the same way in both encodings.
+func headerMapGet(list []*corev3.HeaderValue, name string) (string, bool) {
+	var out string
+	found := false
+	for _, hv := range list {
+		if hv.GetKey() != name {
+			continue
+		}
+		v := hv.GetValue()
+		if raw := hv.GetRawValue(); len(raw) > 0 {
+			// A read-only view: the message outlives the check.
+			v = unsafe.String(unsafe.SliceData(raw), len(raw))
+		}
+		if found {
+			out += "," + v
+		} else {
+			out, found = v, true
+		}
+	}
+	return out, found
+}
+
+// overwrite is the append mode of every header we set: portable across
+// Envoy releases whose append defaults differ (see ENVOY.md 2.3).
+const overwrite = corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD
+
+func setHeader(k, v string) *corev3.HeaderValueOption {
+	return &corev3.HeaderValueOption{Header: &corev3.HeaderValue{Key: k, Value: v}, AppendAction: overwrite}
+}
+
+func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
+	p := d.Result.Principal
+	ok := &authv3.OkHttpResponse{}
+	hdrs := make([]*corev3.HeaderValueOption, 0, 3)
+	hdrs = append(hdrs, setHeader(HeaderTenant, p.TenantID), setHeader(HeaderKeyID, p.KeyID))
+	var remove []string
+	if p.ScopesHeader != "" {
+		hdrs = append(hdrs, setHeader(HeaderScopes, p.ScopesHeader))
+	} else {
+		// Never sent empty, never passed on from the client.
+		remove = append(remove, HeaderScopes)
+	}
+	if s.opts.StripCredential && d.From != "" {
+		remove = append(remove, d.From)
+	}
+	ok.Headers, ok.HeadersToRemove = hdrs, remove
+	return &authv3.CheckResponse{
+		Status:       &rpcstatus.Status{Code: int32(codes.OK)},
+		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: ok},
+		DynamicMetadata: &structpb.Struct{Fields: map[string]*structpb.Value{
+			"tenant_id": structpb.NewStringValue(p.TenantID),
+			"key_id":    structpb.NewStringValue(p.KeyID),
+			"scopes":    structpb.NewStringValue(p.ScopesHeader),
+		}},
+	}
+}
+
+// publicResponse allows a public route: no key was checked, so no identity
+// is injected and any the client sent is removed.
+func (s *Service) publicResponse() *authv3.CheckResponse {
+	return &authv3.CheckResponse{
+		Status: &rpcstatus.Status{Code: int32(codes.OK)},
+		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{
+			HeadersToRemove: []string{HeaderTenant, HeaderKeyID, HeaderScopes},
+		}},
+		DynamicMetadata: &structpb.Struct{Fields: map[string]*structpb.Value{
+			"reason": structpb.NewStringValue(AllowedPublic.String()),
+		}},
+	}
+}
+
+type denyResponse struct {
+	resp *authv3.CheckResponse
+}
+
+// buildDenies prebuilds one read-only response per deny reason: denials
+// are the cheap path, since they are what a flood of bad keys costs.
+func (s *Service) buildDenies() {
+	for _, r := range Reasons() {
+		if r.Allow() || r == Unavailable {
+			continue
+		}
+		s.denies[r] = denyResponse{resp: s.buildDeny(r, "", "")}
+	}
+}
+
+func (s *Service) buildDeny(r Reason, keyID, tenantID string) *authv3.CheckResponse {
+	code, errName := codes.Unauthenticated, "unauthenticated"
+	if r.HTTPStatus() == 403 {
+		code, errName = codes.PermissionDenied, "forbidden"
+	}
+	hdrs := []*corev3.HeaderValueOption{setHeader("content-type", "application/json")}
+	if wa := WWWAuthenticate(s.opts.Realm, r); wa != "" {
+		hdrs = append(hdrs, setHeader("www-authenticate", wa))
+	}
+	md := map[string]*structpb.Value{"reason": structpb.NewStringValue(r.String())}
+	if keyID != "" {
+		md["key_id"] = structpb.NewStringValue(keyID)
+		md["tenant_id"] = structpb.NewStringValue(tenantID)
+	}
+	return &authv3.CheckResponse{
+		Status: &rpcstatus.Status{Code: int32(code), Message: r.String()},
+		HttpResponse: &authv3.CheckResponse_DeniedResponse{DeniedResponse: &authv3.DeniedHttpResponse{
+			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(r.HTTPStatus())},
+			Headers: hdrs,
+			Body:    DenyBody(errName, r),
+		}},
+		DynamicMetadata: &structpb.Struct{Fields: md},
+	}
+}
+
+func (s *Service) denyResponse(d *Decision) *authv3.CheckResponse {
+	if d.Result.KeyID != "" {
+		// Known key (revoked, expired, insufficient scope): name it in the
+		// metadata for access logs and rate limits.
+		return s.buildDeny(d.Reason, d.Result.KeyID, d.Result.TenantID)
+	}
+	return s.denies[d.Reason].resp
+}
+
+// DenyBody is the JSON body of a denial: no internal detail.
+func DenyBody(errName string, r Reason) string {
+	return `{"error":"` + errName + `","reason":"` + r.String() + `"}`
+}
+
+// WWWAuthenticate is the challenge of a denial, per RFC 6750 section 3:
+// no error code when no credential was sent, invalid_request for an
+// ambiguous one, invalid_token for a bad, unknown, revoked or expired one,
+// insufficient_scope on 403.
+func WWWAuthenticate(realm string, r Reason) string {
+	base := `Bearer realm="` + realm + `"`
+	switch r {
+	case MissingCredential:
+		return base
+	case AmbiguousCredential:
+		return base + `, error="invalid_request"`
+	case InsufficientScope:
+		return base + `, error="insufficient_scope"`
+	case Allowed, AllowedPublic, Unavailable:
+		return ""
+	}
+	return base + `, error="invalid_token"`
+}

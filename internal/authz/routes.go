@@ -1,0 +1,130 @@
+package authz
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// Routes maps host, path prefix and method to the scopes a request needs,
+// or marks it public. The most specific rule wins: longest path prefix,
+// then a rule naming a host over one that does not, then one naming
+// methods, then file order.
+type Routes struct {
+	rules []Route
+}
+
+// Route is one rule of the EXTAUTHZ_ROUTES file.
+type Route struct {
+	Host       string   `json:"host"`        // exact, or "*.example.com"; empty: any. Port ignored.
+	PathPrefix string   `json:"path_prefix"` // matched against the path as sent, before '?', undecoded
+	Methods    []string `json:"methods"`     // empty: any
+	Scopes     []string `json:"scopes"`      // all required
+	Public     bool     `json:"public"`      // no credential needed
+}
+
+// LoadRoutes reads a routes file: {"routes": [Route...]}. Unknown fields
+// are errors, so a typo cannot silently open a path.
+func LoadRoutes(path string) (*Routes, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return ParseRoutes(b)
+}
+
+// ParseRoutes parses the routes file format.
+func ParseRoutes(b []byte) (*Routes, error) {
+	var f struct {
+		Routes []Route `json:"routes"`
+	}
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&f); err != nil {
+		return nil, err
+	}
+	for i := range f.Routes {
+		r := &f.Routes[i]
+		switch {
+		case !strings.HasPrefix(r.PathPrefix, "/"):
+			return nil, fmt.Errorf("route %d: path_prefix must start with /", i+1)
+		case r.Public && len(r.Scopes) > 0:
+			return nil, fmt.Errorf("route %d: a public route cannot require scopes", i+1)
+		case strings.Contains(r.Host, "*") && !strings.HasPrefix(r.Host, "*.") || strings.Count(r.Host, "*") > 1:
+			return nil, fmt.Errorf("route %d: host wildcard must be a leading *.", i+1)
+		}
+		if err := tokens.ValidateScopes(r.Scopes); err != nil {
+			return nil, fmt.Errorf("route %d: %w", i+1, err)
+		}
+		r.Host = strings.ToLower(r.Host)
+		for j, m := range r.Methods {
+			r.Methods[j] = strings.ToUpper(m)
+		}
+	}
+	return &Routes{rules: f.Routes}, nil
+}
+
+// Match returns the most specific rule for a request, or nil.
+func (rs *Routes) Match(host, method, path string) *Route {
+	if rs == nil || len(rs.rules) == 0 {
+		return nil
+	}
+	if i := strings.IndexByte(path, '?'); i >= 0 {
+		path = path[:i]
+	}
+	host = hostOnly(host)
+	var best *Route
+	bestScore := -1
+	for i := range rs.rules {
+		r := &rs.rules[i]
+		if !strings.HasPrefix(path, r.PathPrefix) || !r.matchHost(host) || !r.matchMethod(method) {
+			continue
+		}
+		score := len(r.PathPrefix) * 4
+		if r.Host != "" {
+			score += 2
+		}
+		if len(r.Methods) > 0 {
+			score++
+		}
+		if score > bestScore {
+			best, bestScore = r, score
+		}
+	}
+	return best
+}
+
+func (r *Route) matchHost(host string) bool {
+	switch {
+	case r.Host == "":
+		return true
+	case strings.HasPrefix(r.Host, "*."):
+		return len(host) > len(r.Host)-1 && strings.EqualFold(host[len(host)-len(r.Host)+1:], r.Host[1:])
+	}
+	return strings.EqualFold(host, r.Host)
+}
+
+func (r *Route) matchMethod(m string) bool {
+	if len(r.Methods) == 0 {
+		return true
+	}
+	for _, x := range r.Methods {
+		if strings.EqualFold(x, m) {
+			return true
+		}
+	}
+	return false
+}
+
+// hostOnly strips a port from an authority, keeping IPv6 brackets out.
+func hostOnly(authority string) string {
+	if h, _, err := net.SplitHostPort(authority); err == nil {
+		return h
+	}
+	return strings.TrimSuffix(strings.TrimPrefix(authority, "["), "]")
+}
