@@ -195,17 +195,7 @@ func hasScopeList(p *tokens.Principal, list string) bool {
 	for list != "" {
 		var s string
 		s, list, _ = strings.Cut(list, ",")
-		if s = strings.TrimSpace(s); s == "" {
-			continue
-		}
-		found := false
-		for _, have := range p.Scopes {
-			if have == s {
-				found = true
-				break
-			}
-		}
-		if !found {
+		if s = strings.TrimSpace(s); s != "" && !p.HasScope(s) {
 			return false
 		}
 	}

@@ -130,17 +130,20 @@ func NewPrincipal(k *Key) *Principal {
 	}
 }
 
+// HasScope reports whether p holds scope s.
+func (p *Principal) HasScope(s string) bool {
+	for _, have := range p.Scopes {
+		if have == s {
+			return true
+		}
+	}
+	return false
+}
+
 // HasScopes reports whether p holds every scope in required.
 func (p *Principal) HasScopes(required []string) bool {
 	for _, r := range required {
-		found := false
-		for _, s := range p.Scopes {
-			if s == r {
-				found = true
-				break
-			}
-		}
-		if !found {
+		if !p.HasScope(r) {
 			return false
 		}
 	}
