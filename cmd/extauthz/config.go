@@ -1,0 +1,294 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// Config is every setting, read from EXTAUTHZ_* variables. Defaults are
+// in defaultConfig and nowhere else.
+type Config struct {
+	Store   string // postgres://..., postgresql://..., file:<path>; "" = file in DataDir
+	DataDir string // embedded default: keys file and generated pepper
+	Peppers []tokens.Pepper
+
+	GRPCAddr   string
+	HTTPAddr   string
+	AdminAddr  string
+	HTTPPrefix string
+
+	CredentialSources []string
+	StripCredential   bool
+	Realm             string
+	RoutesFile        string
+
+	CacheSize       int
+	CacheTTL        time.Duration
+	NegativeTTL     time.Duration
+	MaxStale        time.Duration
+	StoreTimeout    time.Duration
+	ShutdownDelay   time.Duration
+	ShutdownTimeout time.Duration
+
+	LogLevel zapcore.Level
+}
+
+func defaultConfig() Config {
+	return Config{
+		DataDir:           ".extauthz",
+		GRPCAddr:          ":9001",
+		HTTPAddr:          ":8080",
+		AdminAddr:         ":9090",
+		HTTPPrefix:        "/check",
+		CredentialSources: tokens.DefaultSources,
+		StripCredential:   true,
+		Realm:             "extauthz",
+		CacheSize:         100000,
+		CacheTTL:          5 * time.Minute,
+		NegativeTTL:       30 * time.Second,
+		MaxStale:          10 * time.Minute,
+		StoreTimeout:      100 * time.Millisecond,
+		ShutdownDelay:     0,
+		ShutdownTimeout:   20 * time.Second,
+		LogLevel:          zapcore.InfoLevel,
+	}
+}
+
+// Embedded reports whether neither a store nor peppers were configured:
+// the laptop default, with a generated pepper in DataDir.
+func (c *Config) Embedded() bool { return c.Store == "" && len(c.Peppers) == 0 }
+
+// StoreKind is "postgres" or "file".
+func (c *Config) StoreKind() string {
+	if strings.HasPrefix(c.Store, "postgres://") || strings.HasPrefix(c.Store, "postgresql://") {
+		return "postgres"
+	}
+	return "file"
+}
+
+// FilePath is the key file of a file store.
+func (c *Config) FilePath() string {
+	if p, ok := strings.CutPrefix(c.Store, "file:"); ok {
+		return p
+	}
+	return filepath.Join(c.DataDir, "keys.json")
+}
+
+// StoreDescription names the store for logs, without credentials.
+func (c *Config) StoreDescription() string {
+	if c.StoreKind() == "file" {
+		return "file:" + c.FilePath()
+	}
+	if u, err := url.Parse(c.Store); err == nil {
+		return u.Redacted()
+	}
+	return "postgres"
+}
+
+// String never prints a pepper or a DSN password.
+func (c Config) String() string {
+	ids := make([]string, len(c.Peppers))
+	for i, p := range c.Peppers {
+		ids[i] = p.ID
+	}
+	return fmt.Sprintf("Config{store=%s peppers=%v grpc=%s http=%s admin=%s}",
+		c.StoreDescription(), ids, c.GRPCAddr, c.HTTPAddr, c.AdminAddr)
+}
+
+// GoString keeps %#v from dumping the peppers.
+func (c Config) GoString() string { return c.String() }
+
+// loadConfig reads the environment through lookup and reports every
+// problem at once, each naming its setting.
+func loadConfig(lookup func(string) (string, bool)) (Config, error) {
+	c := defaultConfig()
+	var errs []error
+	get := func(name string) (string, bool) {
+		v, ok := lookup("EXTAUTHZ_" + name)
+		return strings.TrimSpace(v), ok && strings.TrimSpace(v) != ""
+	}
+	bad := func(name, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("EXTAUTHZ_%s: %s", name, fmt.Sprintf(format, a...)))
+	}
+	str := func(name string, dst *string) {
+		if v, ok := get(name); ok {
+			*dst = v
+		}
+	}
+	dur := func(name string, dst *time.Duration, min time.Duration) {
+		v, ok := get(name)
+		if !ok {
+			return
+		}
+		d, err := time.ParseDuration(v)
+		switch {
+		case err != nil:
+			bad(name, "%q is not a duration (e.g. 30s, 5m, 1h)", v)
+		case d < min:
+			bad(name, "%s is below the minimum %s", d, min)
+		default:
+			*dst = d
+		}
+	}
+	addr := func(name string, dst *string) {
+		v, ok := get(name)
+		if !ok {
+			return
+		}
+		if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
+			bad(name, "%q is not host:port (e.g. :9001)", v)
+			return
+		}
+		*dst = v
+	}
+
+	str("STORE", &c.Store)
+	if c.Store != "" {
+		switch {
+		case c.StoreKind() == "postgres":
+			if _, err := url.Parse(c.Store); err != nil {
+				bad("STORE", "not a valid postgres URL")
+			}
+		case strings.HasPrefix(c.Store, "file:") && len(c.Store) > len("file:"):
+		default:
+			bad("STORE", "want postgres://... or file:<path>")
+		}
+	}
+	str("DATA_DIR", &c.DataDir)
+	if v, ok := get("HMAC_SECRETS"); ok {
+		ps, err := tokens.ParsePeppers(v)
+		if err != nil {
+			bad("HMAC_SECRETS", "%v", err)
+		}
+		c.Peppers = ps
+	} else if c.Store != "" {
+		bad("HMAC_SECRETS", "required when EXTAUTHZ_STORE is set (id:secret[,id:secret...], secrets of 32+ bytes)")
+	}
+
+	addr("GRPC_ADDR", &c.GRPCAddr)
+	addr("HTTP_ADDR", &c.HTTPAddr)
+	addr("ADMIN_ADDR", &c.AdminAddr)
+	if v, ok := get("HTTP_PREFIX"); ok {
+		if !strings.HasPrefix(v, "/") || strings.ContainsAny(v, "?# ") {
+			bad("HTTP_PREFIX", "%q must be a path starting with /", v)
+		} else {
+			c.HTTPPrefix = strings.TrimSuffix(v, "/")
+		}
+	}
+
+	if v, ok := get("CREDENTIAL_SOURCES"); ok {
+		srcs := tokens.SplitList(strings.ToLower(v))
+		seen := map[string]bool{}
+		for _, s := range srcs {
+			if !validHeaderName(s) || strings.HasPrefix(s, ":") {
+				bad("CREDENTIAL_SOURCES", "%q is not a header name", s)
+			}
+			if seen[s] {
+				bad("CREDENTIAL_SOURCES", "%q listed twice", s)
+			}
+			seen[s] = true
+		}
+		if len(srcs) == 0 {
+			bad("CREDENTIAL_SOURCES", "no header named")
+		}
+		c.CredentialSources = srcs
+	}
+	if v, ok := get("STRIP_CREDENTIAL"); ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			bad("STRIP_CREDENTIAL", "%q is not true or false", v)
+		}
+		c.StripCredential = b
+	}
+	if v, ok := get("REALM"); ok {
+		if strings.ContainsAny(v, "\"\\") || !printable(v) {
+			bad("REALM", "must be printable ASCII without quotes or backslashes")
+		}
+		c.Realm = v
+	}
+	str("ROUTES", &c.RoutesFile)
+
+	if v, ok := get("CACHE_SIZE"); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			bad("CACHE_SIZE", "%q is not a positive number of entries", v)
+		}
+		c.CacheSize = n
+	}
+	dur("CACHE_TTL", &c.CacheTTL, time.Second)
+	dur("NEGATIVE_TTL", &c.NegativeTTL, time.Second)
+	dur("MAX_STALE", &c.MaxStale, 0)
+	dur("STORE_TIMEOUT", &c.StoreTimeout, time.Millisecond)
+	dur("SHUTDOWN_DELAY", &c.ShutdownDelay, 0)
+	dur("SHUTDOWN_TIMEOUT", &c.ShutdownTimeout, time.Second)
+	if c.NegativeTTL > c.CacheTTL {
+		bad("NEGATIVE_TTL", "%s is longer than EXTAUTHZ_CACHE_TTL %s", c.NegativeTTL, c.CacheTTL)
+	}
+	if v, ok := get("LOG_LEVEL"); ok {
+		if err := c.LogLevel.UnmarshalText([]byte(v)); err != nil {
+			bad("LOG_LEVEL", "%q: want debug, info, warn or error", v)
+		}
+	}
+	if len(errs) > 0 {
+		return Config{}, errors.Join(errs...)
+	}
+	return c, nil
+}
+
+// known lists every setting, so that a misspelt one is reported.
+var known = map[string]bool{
+	"STORE": true, "DATA_DIR": true, "HMAC_SECRETS": true, "GRPC_ADDR": true, "HTTP_ADDR": true,
+	"ADMIN_ADDR": true, "HTTP_PREFIX": true, "CREDENTIAL_SOURCES": true, "STRIP_CREDENTIAL": true,
+	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
+	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
+	"LOG_LEVEL": true,
+}
+
+// unknownSettings returns EXTAUTHZ_* names in environ that are not settings.
+func unknownSettings(environ []string) []string {
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if rest, ok := strings.CutPrefix(name, "EXTAUTHZ_"); ok && !known[rest] && !strings.HasPrefix(rest, "TEST_") {
+			out = append(out, name)
+		}
+	}
+	return out
+}
+
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
+}
+
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
+}
+
+// oneLine renders a joined error on one line, for stderr.
+func oneLine(err error) string {
+	return strings.ReplaceAll(err.Error(), "\n", "; ")
+}

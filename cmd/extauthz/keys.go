@@ -1,0 +1,322 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+
+	"go.uber.org/zap/zapcore"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+// keys dispatches the keys subcommands.
+func keys(ctx context.Context, cfg Config, args []string, e *env) error {
+	if len(args) == 0 {
+		return usagef("keys needs a subcommand: create, list, revoke, delete or import")
+	}
+	sub, args := args[0], args[1:]
+	run, ok := map[string]func(context.Context, *keysCmd, []string) error{
+		"create": keysCreate, "list": keysList, "revoke": keysRevoke, "delete": keysDelete, "import": keysImport,
+	}[sub]
+	if !ok {
+		return usagef("unknown keys subcommand %q (want create, list, revoke, delete or import)", sub)
+	}
+	log := newLogger(zapcore.WarnLevel, e.stderr)
+	ps, err := peppers(&cfg)
+	if err != nil {
+		return err
+	}
+	h, err := tokens.NewHasher(ps)
+	if err != nil {
+		return err
+	}
+	st, err := openStore(ctx, &cfg, log)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	err = run(ctx, &keysCmd{store: st, hasher: h, env: e, now: time.Now}, args)
+	if err != nil {
+		var ue usageError
+		if !errors.As(err, &ue) {
+			err = fmt.Errorf("keys %s: %w", sub, err)
+		}
+	}
+	return err
+}
+
+type keysCmd struct {
+	store  tokens.Store
+	hasher *tokens.Hasher
+	env    *env
+	now    func() time.Time
+}
+
+// parseFlags parses a subcommand's flags quietly: errors become one line,
+// and positional arguments may only come after flags.
+func parseFlags(fs *flag.FlagSet, args []string, maxPositional int) ([]string, error) {
+	fs.SetOutput(io.Discard)
+	if err := fs.Parse(args); err != nil {
+		return nil, usagef("keys %s: %v", fs.Name(), err)
+	}
+	rest := fs.Args()
+	for _, a := range rest {
+		if strings.HasPrefix(a, "-") {
+			return nil, usagef("keys %s: flag %s after an argument; put flags first", fs.Name(), a)
+		}
+	}
+	if len(rest) > maxPositional {
+		return nil, usagef("keys %s: unexpected argument %q", fs.Name(), rest[maxPositional])
+	}
+	return rest, nil
+}
+
+func writeJSON(w io.Writer, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = w.Write(append(b, '\n'))
+	return err
+}
+
+func rfc3339OrNil(t time.Time) any {
+	if t.IsZero() {
+		return nil
+	}
+	return t.UTC().Format(time.RFC3339)
+}
+
+func scopesOrEmpty(s []string) []string {
+	if s == nil {
+		return []string{}
+	}
+	return s
+}
+
+func keysCreate(ctx context.Context, c *keysCmd, args []string) error {
+	fs := flag.NewFlagSet("create", flag.ContinueOnError)
+	tenant := fs.String("tenant", "", "tenant id (required)")
+	name := fs.String("name", "", "a name for people")
+	scopes := fs.String("scopes", "", "comma-separated scopes")
+	ttl := fs.Duration("ttl", 0, "lifetime, e.g. 720h (default: never expires)")
+	kind := fs.String("kind", "pair", "pair or token")
+	if _, err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	if *tenant == "" {
+		return usagef("keys create: --tenant is required")
+	}
+	k, err := tokens.ParseKind(*kind)
+	if err != nil {
+		return usagef("keys create: --kind: %v", err)
+	}
+	if *ttl < 0 {
+		return usagef("keys create: --ttl must not be negative")
+	}
+	is, err := c.hasher.Issue(tokens.IssueParams{
+		Tenant: *tenant, Name: *name, Kind: k, Scopes: tokens.SplitList(*scopes), TTL: *ttl, Now: c.now(),
+	})
+	if err != nil {
+		return usagef("keys create: %v", err)
+	}
+	if err := c.store.Create(ctx, is.Key); err != nil {
+		return err
+	}
+	out := map[string]any{
+		"id": is.Key.ID, "tenant_id": is.Key.TenantID, "name": is.Key.Name, "kind": k.String(),
+		"scopes": scopesOrEmpty(is.Key.Scopes), "expires_at": rfc3339OrNil(is.Key.ExpiresAt),
+		"credential": is.Credential,
+	}
+	if k == tokens.KindPair {
+		out["public_key"], out["secret_key"] = is.PublicKey, is.SecretKey
+	}
+	return writeJSON(c.env.stdout, out)
+}
+
+func keysList(ctx context.Context, c *keysCmd, args []string) error {
+	fs := flag.NewFlagSet("list", flag.ContinueOnError)
+	tenant := fs.String("tenant", "", "only this tenant's keys")
+	if _, err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	ks, err := c.store.List(ctx, *tenant)
+	if err != nil {
+		return err
+	}
+	now := c.now()
+	for _, k := range ks {
+		out := map[string]any{
+			"id": k.ID, "tenant_id": k.TenantID, "name": k.Name, "kind": k.Kind.String(),
+			"scopes": scopesOrEmpty(k.Scopes), "status": k.Status(now),
+			"created_at": rfc3339OrNil(k.CreatedAt), "expires_at": rfc3339OrNil(k.ExpiresAt),
+			"last_used_at": rfc3339OrNil(k.LastUsedAt), "request_count": k.RequestCount,
+		}
+		if k.Kind == tokens.KindPair {
+			out["public_key"] = k.PublicKey
+		}
+		if err := writeJSON(c.env.stdout, out); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
+	fs := flag.NewFlagSet("revoke", flag.ContinueOnError)
+	tenant := fs.String("tenant", "", "revoke every key of this tenant")
+	rest, err := parseFlags(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	switch {
+	case *tenant != "" && len(rest) > 0:
+		return usagef("keys revoke: give an ID or --tenant, not both")
+	case *tenant != "":
+		ids, err := c.store.RevokeTenant(ctx, *tenant, c.now())
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			if err := writeJSON(c.env.stdout, map[string]any{"id": id, "tenant_id": *tenant, "status": "revoked"}); err != nil {
+				return err
+			}
+		}
+		return nil
+	case len(rest) == 0:
+		return usagef("keys revoke: give a key ID or --tenant T")
+	}
+	if err := c.store.Revoke(ctx, rest[0], c.now()); err != nil {
+		if errors.Is(err, tokens.ErrNotFound) {
+			return fmt.Errorf("no key with id %q", rest[0])
+		}
+		return err
+	}
+	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "revoked"})
+}
+
+func keysDelete(ctx context.Context, c *keysCmd, args []string) error {
+	fs := flag.NewFlagSet("delete", flag.ContinueOnError)
+	rest, err := parseFlags(fs, args, 1)
+	if err != nil {
+		return err
+	}
+	if len(rest) == 0 {
+		return usagef("keys delete: give a key ID")
+	}
+	if err := c.store.Delete(ctx, rest[0]); err != nil {
+		if errors.Is(err, tokens.ErrNotFound) {
+			return fmt.Errorf("no key with id %q", rest[0])
+		}
+		return err
+	}
+	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "deleted"})
+}
+
+// importLine is one line of keys import. expires_at is optional.
+type importLine struct {
+	Token     string     `json:"token"`
+	TenantID  string     `json:"tenant_id"`
+	Scopes    []string   `json:"scopes"`
+	Name      string     `json:"name"`
+	ExpiresAt *time.Time `json:"expires_at"`
+}
+
+// maxImportLine bounds one line: a token is at most 512 bytes.
+const maxImportLine = 64 << 10
+
+func keysImport(ctx context.Context, c *keysCmd, args []string) error {
+	fs := flag.NewFlagSet("import", flag.ContinueOnError)
+	if _, err := parseFlags(fs, args, 0); err != nil {
+		return err
+	}
+	now := c.now()
+	var (
+		batch   []*tokens.Key
+		lineNos []int
+		seen    = map[tokens.Digest]int{}
+	)
+	sc := bufio.NewScanner(c.env.stdin)
+	sc.Buffer(make([]byte, 0, 4096), maxImportLine)
+	for n := 1; sc.Scan(); n++ {
+		raw := bytes.TrimSpace(sc.Bytes())
+		if len(raw) == 0 {
+			continue
+		}
+		// Errors name the line, never its token.
+		var l importLine
+		dec := json.NewDecoder(bytes.NewReader(raw))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&l); err != nil {
+			return fmt.Errorf("line %d: not a JSON object of token, tenant_id, scopes, name, expires_at (%s); nothing imported", n, jsonProblem(err))
+		}
+		if dec.More() {
+			return fmt.Errorf("line %d: more than one JSON value; nothing imported", n)
+		}
+		if l.TenantID == "" {
+			return fmt.Errorf("line %d: tenant_id is required; nothing imported", n)
+		}
+		var expires time.Time
+		if l.ExpiresAt != nil {
+			expires = l.ExpiresAt.UTC()
+		}
+		k, err := c.hasher.ImportToken(l.Token, l.TenantID, l.Name, l.Scopes, expires, now)
+		if err != nil {
+			return fmt.Errorf("line %d: %v; nothing imported", n, err)
+		}
+		d := c.hasher.Digest(l.Token)
+		if first, dup := seen[d]; dup {
+			return fmt.Errorf("line %d: same token as line %d; nothing imported", n, first)
+		}
+		seen[d] = n
+		batch, lineNos = append(batch, k), append(lineNos, n)
+	}
+	if err := sc.Err(); err != nil {
+		if errors.Is(err, bufio.ErrTooLong) {
+			return fmt.Errorf("a line is longer than %d bytes; nothing imported", maxImportLine)
+		}
+		return fmt.Errorf("reading stdin: %w; nothing imported", err)
+	}
+	if len(batch) == 0 {
+		return nil
+	}
+	if err := c.store.Import(ctx, batch); err != nil {
+		var ie *tokens.ImportError
+		if errors.As(err, &ie) && ie.Index < len(lineNos) {
+			if errors.Is(ie.Err, tokens.ErrConflict) {
+				return fmt.Errorf("line %d: this token is already stored; nothing imported", lineNos[ie.Index])
+			}
+			return fmt.Errorf("line %d: %v; nothing imported", lineNos[ie.Index], ie.Err)
+		}
+		return fmt.Errorf("%w; nothing imported", err)
+	}
+	for _, k := range batch {
+		if err := writeJSON(c.env.stdout, map[string]any{"id": k.ID, "tenant_id": k.TenantID}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// jsonProblem describes a decode error without quoting input.
+func jsonProblem(err error) string {
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &se):
+		return fmt.Sprintf("syntax error at byte %d", se.Offset)
+	case errors.As(err, &te):
+		return fmt.Sprintf("field %s has the wrong type", te.Field)
+	case strings.HasPrefix(err.Error(), "json: unknown field"):
+		return strings.TrimPrefix(err.Error(), "json: ")
+	}
+	return "invalid JSON"
+}

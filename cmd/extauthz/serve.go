@@ -1,0 +1,209 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+
+	"github.com/extauthz/extauthz/internal/authz"
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+type boundAddrs struct{ GRPC, HTTP, Admin string }
+
+// serve runs the server until ctx ends (SIGTERM), then drains.
+func serve(ctx context.Context, cfg Config, e *env) error {
+	log := newLogger(cfg.LogLevel, e.stderr)
+	defer log.Sync()
+	if cfg.Embedded() {
+		log.Info("extauthz starting on the embedded default: file store "+cfg.FilePath()+
+			", generated pepper in "+cfg.DataDir+", local cache only (set EXTAUTHZ_STORE and EXTAUTHZ_HMAC_SECRETS for production)",
+			zap.String("version", version))
+	} else {
+		log.Info("extauthz starting", zap.String("version", version), zap.String("store", cfg.StoreDescription()))
+	}
+	if unknown := unknownSettings(e.environ); len(unknown) > 0 {
+		log.Warn("ignoring unknown settings (misspelt?)", zap.Strings("names", unknown))
+	}
+
+	ps, err := peppers(&cfg)
+	if err != nil {
+		return err
+	}
+	hasher, err := tokens.NewHasher(ps)
+	if err != nil {
+		return err
+	}
+	var routes *authz.Routes
+	if cfg.RoutesFile != "" {
+		if routes, err = authz.LoadRoutes(cfg.RoutesFile); err != nil {
+			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
+		}
+	}
+	store, err := openStore(ctx, &cfg, log)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	auth := tokens.NewAuthenticator(hasher, store, tokens.Options{
+		CacheSize: cfg.CacheSize, TTL: cfg.CacheTTL, NegativeTTL: cfg.NegativeTTL,
+		MaxStale: cfg.MaxStale, StoreTimeout: cfg.StoreTimeout, Logger: log.Named("tokens"),
+	})
+	reg, observer := newMetrics(auth)
+	svc := authz.NewService(auth, authz.Options{
+		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
+		Routes:          routes,
+		StripCredential: cfg.StripCredential,
+		Realm:           cfg.Realm,
+		Logger:          log.Named("authz"),
+		Observer:        observer,
+	})
+	health := authz.NewHealth()
+
+	// Bind everything first, so that a busy port fails at start.
+	var lc net.ListenConfig
+	grpcLis, err := lc.Listen(ctx, "tcp", cfg.GRPCAddr)
+	if err != nil {
+		return fmt.Errorf("EXTAUTHZ_GRPC_ADDR: %w", err)
+	}
+	httpLis, err := lc.Listen(ctx, "tcp", cfg.HTTPAddr)
+	if err != nil {
+		grpcLis.Close()
+		return fmt.Errorf("EXTAUTHZ_HTTP_ADDR: %w", err)
+	}
+	adminLis, err := lc.Listen(ctx, "tcp", cfg.AdminAddr)
+	if err != nil {
+		grpcLis.Close()
+		httpLis.Close()
+		return fmt.Errorf("EXTAUTHZ_ADMIN_ADDR: %w", err)
+	}
+
+	grpcSrv := authz.NewGRPCServer(svc, health.GRPC,
+		// Envoy may ping idle connections; don't punish it for that.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	httpSrv := &http.Server{Handler: health.HTTPHandler(nil), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}
+	adminMux := http.NewServeMux()
+	adminMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	adminMux.Handle("/", health.HTTPHandler(nil))
+	adminSrv := &http.Server{Handler: adminMux, ReadHeaderTimeout: 5 * time.Second}
+
+	bgCtx, stopBG := context.WithCancel(context.WithoutCancel(ctx))
+	var bg sync.WaitGroup
+	errc := make(chan error, 3)
+	bg.Go(func() {
+		if err := grpcSrv.Serve(grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+			errc <- fmt.Errorf("grpc: %w", err)
+		}
+	})
+	for _, s := range []struct {
+		srv *http.Server
+		lis net.Listener
+	}{{httpSrv, httpLis}, {adminSrv, adminLis}} {
+		bg.Go(func() {
+			if err := s.srv.Serve(s.lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("http %s: %w", s.lis.Addr(), err)
+			}
+		})
+	}
+	bg.Go(func() {
+		err := store.Watch(bgCtx, func(c tokens.Change) {
+			n := auth.Apply(c)
+			log.Debug("key store changed", zap.Strings("key_ids", c.KeyIDs), zap.Bool("all", c.All), zap.Int("dropped", n))
+		})
+		if err != nil && !errors.Is(err, context.Canceled) {
+			log.Error("key store watch ended", zap.Error(err))
+		}
+	})
+	bg.Go(func() { watchReadiness(bgCtx, store, health, log) })
+
+	log.Info("serving",
+		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
+		zap.String("admin", adminLis.Addr().String()), zap.Strings("credential_sources", cfg.CredentialSources))
+	if e.ready != nil {
+		e.ready(boundAddrs{GRPC: grpcLis.Addr().String(), HTTP: httpLis.Addr().String(), Admin: adminLis.Addr().String()})
+	}
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: health NOT_SERVING, draining in-flight checks")
+	case runErr = <-errc:
+		log.Error("server failed; shutting down", zap.Error(runErr))
+	}
+
+	// Health first, so that Envoy and Kubernetes stop sending before we
+	// stop accepting.
+	health.Shutdown()
+	if cfg.ShutdownDelay > 0 {
+		time.Sleep(cfg.ShutdownDelay)
+	}
+	drained := make(chan struct{})
+	go func() { grpcSrv.GracefulStop(); close(drained) }()
+	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	httpSrv.Shutdown(shutCtx)
+	select {
+	case <-drained:
+	case <-shutCtx.Done():
+		log.Warn("drain deadline passed; closing remaining connections", zap.Duration("timeout", cfg.ShutdownTimeout))
+		grpcSrv.Stop()
+	}
+	adminSrv.Shutdown(shutCtx)
+	stopBG()
+	bg.Wait()
+	log.Info("stopped")
+	return runErr
+}
+
+// watchReadiness pings the store: not ready before the first success;
+// after it, ready, saying whether the store is reachable or checks are
+// being served from cache.
+func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, log *zap.Logger) {
+	contacted := false
+	lastState := ""
+	for {
+		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		err := store.Ping(pctx)
+		cancel()
+		var state string
+		switch {
+		case err == nil:
+			contacted = true
+			state = "ok: key store reachable"
+		case contacted:
+			state = "degraded: key store unreachable; serving cached decisions"
+		default:
+			state = "not ready: no key store contact yet: " + strings.ReplaceAll(err.Error(), "\n", " ")
+		}
+		h.SetReady(contacted, state)
+		if state != lastState {
+			if err != nil {
+				log.Warn("readiness changed", zap.String("state", state))
+			} else {
+				log.Info("readiness changed", zap.String("state", state))
+			}
+			lastState = state
+		}
+		wait := 2 * time.Second
+		if !contacted {
+			wait = 250 * time.Millisecond
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
