@@ -89,7 +89,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		return fmt.Errorf("EXTAUTHZ_ADMIN_ADDR: %w", err)
 	}
 
-	grpcSrv := authz.NewGRPCServer(svc, health.GRPC,
+	grpcSrv := authz.NewGRPCServer(svc, health,
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
@@ -149,6 +149,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	if cfg.ShutdownDelay > 0 {
 		time.Sleep(cfg.ShutdownDelay)
 	}
+	health.CloseWatches()
 	drained := make(chan struct{})
 	go func() { grpcSrv.GracefulStop(); close(drained) }()
 	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)

@@ -12,7 +12,6 @@ import (
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -41,10 +40,10 @@ type GRPC struct {
 
 // NewGRPCServer returns a gRPC server with the Authorization service and
 // the standard health service registered.
-func NewGRPCServer(svc *Service, hs *health.Server, opts ...grpc.ServerOption) *grpc.Server {
+func NewGRPCServer(svc *Service, h *Health, opts ...grpc.ServerOption) *grpc.Server {
 	srv := grpc.NewServer(opts...)
 	authv3.RegisterAuthorizationServer(srv, &GRPC{svc: svc})
-	healthpb.RegisterHealthServer(srv, hs)
+	healthpb.RegisterHealthServer(srv, h.service())
 	return srv
 }
 

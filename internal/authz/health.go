@@ -1,6 +1,7 @@
 package authz
 
 import (
+	"context"
 	"net/http"
 	"sync"
 
@@ -14,6 +15,11 @@ import (
 type Health struct {
 	GRPC *health.Server
 
+	// closing ends Watch streams at shutdown, which GracefulStop would
+	// otherwise wait on forever.
+	closing   chan struct{}
+	closeOnce sync.Once
+
 	mu       sync.Mutex
 	ready    bool
 	state    string
@@ -22,7 +28,7 @@ type Health struct {
 
 // NewHealth starts alive, not ready.
 func NewHealth() *Health {
-	h := &Health{GRPC: health.NewServer(), state: "starting: no key store contact yet"}
+	h := &Health{GRPC: health.NewServer(), closing: make(chan struct{}), state: "starting: no key store contact yet"}
 	h.GRPC.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	h.GRPC.SetServingStatus(AuthorizationService, healthpb.HealthCheckResponse_NOT_SERVING)
 	return h
@@ -50,6 +56,49 @@ func (h *Health) Shutdown() {
 	h.stopping, h.ready, h.state = true, false, "shutting down"
 	h.GRPC.Shutdown()
 }
+
+// CloseWatches ends every health Watch stream with a final NOT_SERVING.
+// Call it after Shutdown, right before the gRPC drain.
+func (h *Health) CloseWatches() { h.closeOnce.Do(func() { close(h.closing) }) }
+
+// healthService is the standard health server, with Watch streams that end
+// at CloseWatches.
+type healthService struct {
+	*health.Server
+	closing <-chan struct{}
+}
+
+// service returns what to register as grpc.health.v1.Health.
+func (h *Health) service() healthpb.HealthServer {
+	return &healthService{Server: h.GRPC, closing: h.closing}
+}
+
+func (s *healthService) Watch(req *healthpb.HealthCheckRequest, stream healthpb.Health_WatchServer) error {
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	go func() {
+		select {
+		case <-s.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	err := s.Server.Watch(req, &watchStream{Health_WatchServer: stream, ctx: ctx})
+	select {
+	case <-s.closing:
+		// The inner loop may have seen the cancel before the last update.
+		return stream.Send(&healthpb.HealthCheckResponse{Status: healthpb.HealthCheckResponse_NOT_SERVING})
+	default:
+		return err
+	}
+}
+
+type watchStream struct {
+	healthpb.Health_WatchServer
+	ctx context.Context
+}
+
+func (w *watchStream) Context() context.Context { return w.ctx }
 
 // Ready reports readiness and its description.
 func (h *Health) Ready() (bool, string) {

@@ -20,7 +20,7 @@ import (
 func serve(t *testing.T, svc *Service, h *Health) *grpc.ClientConn {
 	t.Helper()
 	lis := bufconn.Listen(1 << 20)
-	srv := NewGRPCServer(svc, h.GRPC)
+	srv := NewGRPCServer(svc, h)
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 	conn, err := grpc.NewClient("passthrough:///bufnet",

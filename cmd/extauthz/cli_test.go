@@ -1,0 +1,223 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/extauthz/extauthz/internal/pgtest"
+)
+
+// cli runs extauthz in process with the given environment.
+type cli struct {
+	t   *testing.T
+	env map[string]string
+}
+
+func (c *cli) run(stdin string, args ...string) (code int, stdout, stderr string) {
+	c.t.Helper()
+	var out, errb bytes.Buffer
+	var environ []string
+	for k, v := range c.env {
+		environ = append(environ, k+"="+v)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	code = realMain(ctx, args, &env{stdin: strings.NewReader(stdin), stdout: &out, stderr: &errb, lookup: lookupMap(c.env), environ: environ})
+	return code, out.String(), errb.String()
+}
+
+// ok runs a command that must succeed and returns its JSON lines.
+func (c *cli) ok(stdin string, args ...string) []map[string]any {
+	c.t.Helper()
+	code, out, errOut := c.run(stdin, args...)
+	if code != 0 {
+		c.t.Fatalf("%v: exit %d: %s", args, code, errOut)
+	}
+	var lines []map[string]any
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		var m map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &m); err != nil {
+			c.t.Fatalf("%v: stdout line is not JSON: %q", args, sc.Text())
+		}
+		lines = append(lines, m)
+	}
+	return lines
+}
+
+// fails runs a command that must fail with code and one line on stderr
+// containing want, and nothing on stdout.
+func (c *cli) fails(code int, want, stdin string, args ...string) {
+	c.t.Helper()
+	got, out, errOut := c.run(stdin, args...)
+	if got != code {
+		c.t.Fatalf("%v: exit %d, want %d (stderr %q)", args, got, code, errOut)
+	}
+	if out != "" {
+		c.t.Errorf("%v: stdout %q on failure", args, out)
+	}
+	if strings.Count(errOut, "\n") != 1 || !strings.Contains(errOut, want) {
+		c.t.Errorf("%v: stderr %q, want one line containing %q", args, errOut, want)
+	}
+}
+
+// stores gives each test both configurations a user runs.
+func stores(t *testing.T) map[string]func(t *testing.T) *cli {
+	return map[string]func(t *testing.T) *cli{
+		"embedded": func(t *testing.T) *cli {
+			return &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+		},
+		"postgres": func(t *testing.T) *cli {
+			c := &cli{t: t, env: map[string]string{
+				"EXTAUTHZ_STORE":        pgtest.NewDatabase(t),
+				"EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32,
+			}}
+			out := c.ok("", "migrate")
+			if out[0]["schema_version"].(float64) < 1 {
+				t.Fatalf("migrate: %v", out)
+			}
+			if again := c.ok("", "migrate"); len(again[0]["applied"].([]any)) != 0 {
+				t.Fatalf("second migrate applied %v", again)
+			}
+			return c
+		},
+	}
+}
+
+func TestKeysCLI(t *testing.T) {
+	for name, open := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			c := open(t)
+			created := c.ok("", "keys", "create", "--tenant", "acme", "--name", "ci", "--scopes", "read, write", "--ttl", "720h")
+			k := created[0]
+			for _, f := range []string{"id", "tenant_id", "name", "kind", "scopes", "expires_at", "credential", "public_key", "secret_key"} {
+				if _, ok := k[f]; !ok {
+					t.Errorf("create output lacks %s", f)
+				}
+			}
+			if k["kind"] != "pair" || k["credential"] != k["public_key"].(string)+":"+k["secret_key"].(string) {
+				t.Errorf("create output %v", k)
+			}
+			exp, err := time.Parse(time.RFC3339, k["expires_at"].(string))
+			if err != nil || time.Until(exp) < 719*time.Hour {
+				t.Errorf("expires_at %v", k["expires_at"])
+			}
+			tok := c.ok("", "keys", "create", "--tenant", "acme", "--kind", "token")[0]
+			if _, ok := tok["public_key"]; ok || tok["expires_at"] != nil || !strings.HasPrefix(tok["credential"].(string), "tk_") {
+				t.Errorf("token create output %v", tok)
+			}
+			c.ok("", "keys", "create", "--tenant", "other")
+
+			list := c.ok("", "keys", "list", "--tenant", "acme")
+			if len(list) != 2 {
+				t.Fatalf("list acme: %d keys", len(list))
+			}
+			for _, l := range list {
+				for _, f := range []string{"id", "tenant_id", "name", "kind", "scopes", "status", "created_at", "expires_at", "last_used_at", "request_count"} {
+					if _, ok := l[f]; !ok {
+						t.Errorf("list lacks %s", f)
+					}
+				}
+				if l["status"] != "active" {
+					t.Errorf("status %v", l["status"])
+				}
+			}
+			_, out, _ := c.run("", "keys", "list")
+			for _, secret := range []string{k["secret_key"].(string), tok["credential"].(string)} {
+				if strings.Contains(out, secret[3:]) {
+					t.Fatal("list printed a secret")
+				}
+			}
+			if _, ok := list[1]["public_key"]; ok {
+				t.Error("list shows public_key for a token")
+			}
+
+			c.ok("", "keys", "revoke", k["id"].(string))
+			if got := c.ok("", "keys", "list", "--tenant", "acme"); got[0]["status"] != "revoked" || len(got) != 2 {
+				t.Errorf("after revoke: %v", got)
+			}
+			c.fails(1, "no key with id", "", "keys", "revoke", "00000000-0000-4000-8000-000000000000")
+			c.fails(1, "no key with id", "", "keys", "revoke", "not-a-uuid")
+			c.ok("", "keys", "delete", tok["id"].(string))
+			c.fails(1, "no key with id", "", "keys", "delete", tok["id"].(string))
+
+			revoked := c.ok("", "keys", "revoke", "--tenant", "other")
+			if len(revoked) != 1 || revoked[0]["status"] != "revoked" {
+				t.Errorf("revoke --tenant: %v", revoked)
+			}
+		})
+	}
+}
+
+func TestKeysImport(t *testing.T) {
+	for name, open := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			c := open(t)
+			good := `{"token":"legacy-token-0001","tenant_id":"acme","scopes":["read"],"name":"old app"}` + "\n\n" +
+				`{"token":"legacy-token-0002","tenant_id":"beta"}` + "\n"
+			// Bad lines name their line number, never the token, and import nothing.
+			for _, tc := range []struct{ stdin, want string }{
+				{good + `{"token":"short","tenant_id":"acme"}`, "line 4"},
+				{good + `{"token":"legacy-token-0003","tenant_id":"bad tenant"}`, "line 4"},
+				{good + `{"token":"legacy-token-0001","tenant_id":"acme"}`, "same token as line 1"},
+				{good + `{"token":"legacy-token-0003","tenant_id":"acme","secret":"x"}`, "line 4"},
+				{good + `not json`, "line 4"},
+				{good + `{"token":"pk_abc:sk_def","tenant_id":"acme"}`, "line 4"},
+				{good + `{"tenant_id":"acme"}`, "line 4"},
+			} {
+				c.fails(1, tc.want, tc.stdin, "keys", "import")
+				_, _, errOut := c.run(tc.stdin, "keys", "import")
+				if strings.Contains(errOut, "legacy-token") {
+					t.Errorf("error echoes a token: %s", errOut)
+				}
+			}
+			if n := len(c.ok("", "keys", "list")); n != 0 {
+				t.Fatalf("failed imports left %d keys", n)
+			}
+			out := c.ok(good, "keys", "import")
+			if len(out) != 2 || out[0]["tenant_id"] != "acme" || out[1]["tenant_id"] != "beta" {
+				t.Fatalf("import output %v", out)
+			}
+			for _, o := range out {
+				if len(o) != 2 {
+					t.Errorf("import prints more than id and tenant_id: %v", o)
+				}
+			}
+			// Already stored: the store's conflict names the line.
+			c.fails(1, "line 3: this token is already stored", `{"token":"legacy-token-0009","tenant_id":"acme"}`+"\n\n"+`{"token":"legacy-token-0002","tenant_id":"beta"}`, "keys", "import")
+			if n := len(c.ok("", "keys", "list")); n != 2 {
+				t.Fatalf("after a conflicting import: %d keys, want 2", n)
+			}
+		})
+	}
+}
+
+func TestCLIUsageErrors(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+	c.fails(2, "unknown command", "", "frobnicate")
+	c.fails(2, "keys needs a subcommand", "", "keys")
+	c.fails(2, "unknown keys subcommand", "", "keys", "rotate")
+	c.fails(2, "--tenant is required", "", "keys", "create")
+	c.fails(2, "flag provided but not defined", "", "keys", "create", "--tenant", "a", "--colour", "red")
+	c.fails(2, "--kind", "", "keys", "create", "--tenant", "a", "--kind", "jwt")
+	c.fails(2, "invalid value", "", "keys", "create", "--tenant", "a", "--ttl", "30d")
+	c.fails(2, "tenant", "", "keys", "create", "--tenant", "white space")
+	c.fails(2, "scope", "", "keys", "create", "--tenant", "a", "--scopes", "a b")
+	c.fails(2, "give a key ID or --tenant", "", "keys", "revoke")
+	c.fails(2, "not both", "", "keys", "revoke", "--tenant", "a", "x")
+	c.fails(2, "put flags first", "", "keys", "list", "x", "--tenant", "a")
+	c.fails(2, "serve takes no arguments", "", "serve", "--port", "1")
+	c.env["EXTAUTHZ_CACHE_TTL"] = "soon"
+	c.fails(1, "EXTAUTHZ_CACHE_TTL", "", "serve")
+	c.fails(1, "EXTAUTHZ_CACHE_TTL", "", "keys", "list")
+	delete(c.env, "EXTAUTHZ_CACHE_TTL")
+	if code, out, _ := c.run("", "help"); code != 0 || !strings.Contains(out, "keys create") {
+		t.Errorf("help: %d %q", code, out)
+	}
+}

@@ -1,0 +1,153 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/google/go-cmp/cmp/cmpopts"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/extauthz/extauthz/internal/tokens"
+)
+
+func lookupMap(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+}
+
+var pepper32 = strings.Repeat("s", 32)
+
+func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig(lookupMap(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(defaultConfig(), c); d != "" {
+		t.Fatalf("(-want +got):\n%s", d)
+	}
+	if !c.Embedded() || c.StoreKind() != "file" || c.FilePath() != ".extauthz/keys.json" {
+		t.Fatalf("embedded default: %v %s %s", c.Embedded(), c.StoreKind(), c.FilePath())
+	}
+}
+
+func TestConfigAllSettings(t *testing.T) {
+	t.Parallel()
+	c, err := loadConfig(lookupMap(map[string]string{
+		"EXTAUTHZ_STORE":              "postgres://u:pw@db:5432/keys",
+		"EXTAUTHZ_HMAC_SECRETS":       "k2:" + pepper32 + ",k1:" + pepper32,
+		"EXTAUTHZ_GRPC_ADDR":          "127.0.0.1:7000",
+		"EXTAUTHZ_HTTP_ADDR":          ":7001",
+		"EXTAUTHZ_ADMIN_ADDR":         ":7002",
+		"EXTAUTHZ_HTTP_PREFIX":        "/authz/",
+		"EXTAUTHZ_CREDENTIAL_SOURCES": "X-API-Key",
+		"EXTAUTHZ_STRIP_CREDENTIAL":   "false",
+		"EXTAUTHZ_REALM":              "shop",
+		"EXTAUTHZ_ROUTES":             "/etc/routes.json",
+		"EXTAUTHZ_CACHE_SIZE":         "500",
+		"EXTAUTHZ_CACHE_TTL":          "1m",
+		"EXTAUTHZ_NEGATIVE_TTL":       "5s",
+		"EXTAUTHZ_MAX_STALE":          "0",
+		"EXTAUTHZ_STORE_TIMEOUT":      "50ms",
+		"EXTAUTHZ_SHUTDOWN_DELAY":     "3s",
+		"EXTAUTHZ_SHUTDOWN_TIMEOUT":   "10s",
+		"EXTAUTHZ_LOG_LEVEL":          "debug",
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Store: "postgres://u:pw@db:5432/keys", DataDir: ".extauthz",
+		Peppers:  []tokens.Pepper{{ID: "k2", Secret: []byte(pepper32)}, {ID: "k1", Secret: []byte(pepper32)}},
+		GRPCAddr: "127.0.0.1:7000", HTTPAddr: ":7001", AdminAddr: ":7002", HTTPPrefix: "/authz",
+		CredentialSources: []string{"x-api-key"}, StripCredential: false, Realm: "shop", RoutesFile: "/etc/routes.json",
+		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
+		StoreTimeout: 50 * time.Millisecond, ShutdownDelay: 3 * time.Second, ShutdownTimeout: 10 * time.Second,
+		LogLevel: zapcore.DebugLevel,
+	}
+	if d := cmp.Diff(want, c); d != "" {
+		t.Fatalf("(-want +got):\n%s", d)
+	}
+	if c.Embedded() || c.StoreKind() != "postgres" {
+		t.Fatal("postgres store not recognised")
+	}
+}
+
+func TestConfigInvalid(t *testing.T) {
+	t.Parallel()
+	cases := map[string]string{
+		"EXTAUTHZ_STORE":              "mysql://x",
+		"EXTAUTHZ_HMAC_SECRETS":       "k1:short",
+		"EXTAUTHZ_GRPC_ADDR":          "9001",
+		"EXTAUTHZ_HTTP_ADDR":          "localhost",
+		"EXTAUTHZ_ADMIN_ADDR":         "::::",
+		"EXTAUTHZ_HTTP_PREFIX":        "check",
+		"EXTAUTHZ_CREDENTIAL_SOURCES": "x-api-key,bad header",
+		"EXTAUTHZ_STRIP_CREDENTIAL":   "maybe",
+		"EXTAUTHZ_REALM":              `a"b`,
+		"EXTAUTHZ_CACHE_SIZE":         "-1",
+		"EXTAUTHZ_CACHE_TTL":          "five minutes",
+		"EXTAUTHZ_NEGATIVE_TTL":       "1ms",
+		"EXTAUTHZ_MAX_STALE":          "-1s",
+		"EXTAUTHZ_STORE_TIMEOUT":      "0s",
+		"EXTAUTHZ_SHUTDOWN_DELAY":     "soon",
+		"EXTAUTHZ_SHUTDOWN_TIMEOUT":   "1ms",
+		"EXTAUTHZ_LOG_LEVEL":          "loud",
+	}
+	// Each alone fails, naming its setting.
+	for name, value := range cases {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			_, err := loadConfig(lookupMap(map[string]string{name: value}))
+			if err == nil || !strings.Contains(err.Error(), name+":") {
+				t.Fatalf("err = %v, want one naming %s", err, name)
+			}
+		})
+	}
+	// All at once: every problem is reported.
+	_, err := loadConfig(lookupMap(cases))
+	for name := range cases {
+		if !strings.Contains(err.Error(), name+":") {
+			t.Errorf("combined error misses %s", name)
+		}
+	}
+	if strings.Contains(oneLine(err), "\n") {
+		t.Error("oneLine left a newline")
+	}
+	// A store without peppers is refused: a generated one would differ per replica.
+	_, err = loadConfig(lookupMap(map[string]string{"EXTAUTHZ_STORE": "file:/tmp/k.json"}))
+	if err == nil || !strings.Contains(err.Error(), "EXTAUTHZ_HMAC_SECRETS") {
+		t.Errorf("store without peppers: %v", err)
+	}
+}
+
+func TestConfigNeverPrintsSecrets(t *testing.T) {
+	t.Parallel()
+	secret := "pepper-" + strings.Repeat("x", 30)
+	c, err := loadConfig(lookupMap(map[string]string{
+		"EXTAUTHZ_STORE":        "postgres://user:dbpassword@db/keys",
+		"EXTAUTHZ_HMAC_SECRETS": "k1:" + secret,
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range []string{c.String(), fmt.Sprintf("%v %+v %#v %s", c, c, c, c), c.StoreDescription()} {
+		if strings.Contains(s, secret) || strings.Contains(s, "dbpassword") {
+			t.Errorf("secret printed: %s", s)
+		}
+	}
+	_, err = loadConfig(lookupMap(map[string]string{"EXTAUTHZ_HMAC_SECRETS": "k1:" + secret[:20]}))
+	if err == nil || strings.Contains(err.Error(), secret[:20]) {
+		t.Errorf("error echoes the pepper: %v", err)
+	}
+}
+
+func TestUnknownSettings(t *testing.T) {
+	t.Parallel()
+	got := unknownSettings([]string{"EXTAUTHZ_STORE=x", "EXTAUTHZ_CACHE_TTLL=1m", "PATH=/bin", "EXTAUTHZ_TEST_POSTGRES=x"})
+	if d := cmp.Diff([]string{"EXTAUTHZ_CACHE_TTLL"}, got, cmpopts.EquateEmpty()); d != "" {
+		t.Fatal(d)
+	}
+}

@@ -1,0 +1,219 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// syncBuffer is a log sink safe for the server's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+func (s *syncBuffer) String() string { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+
+type server struct {
+	addrs boundAddrs
+	log   *syncBuffer
+	stop  func() int // SIGTERM; returns the exit code
+}
+
+// startServer runs `extauthz serve` in process on loopback ports.
+func startServer(t *testing.T, c *cli) *server {
+	t.Helper()
+	envm := map[string]string{
+		"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0",
+		"EXTAUTHZ_LOG_LEVEL": "debug",
+	}
+	for k, v := range c.env {
+		envm[k] = v
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &server{log: &syncBuffer{}}
+	ready := make(chan boundAddrs, 1)
+	done := make(chan int, 1)
+	go func() {
+		done <- realMain(ctx, []string{"serve"}, &env{
+			stdin: strings.NewReader(""), stdout: io.Discard, stderr: s.log,
+			lookup: lookupMap(envm), ready: func(a boundAddrs) { ready <- a },
+		})
+	}()
+	select {
+	case s.addrs = <-ready:
+	case code := <-done:
+		t.Fatalf("serve exited %d: %s", code, s.log)
+	case <-time.After(10 * time.Second):
+		t.Fatal("serve did not start")
+	}
+	var once sync.Once
+	code := 0
+	s.stop = func() int {
+		once.Do(func() { cancel(); code = <-done })
+		return code
+	}
+	t.Cleanup(func() { s.stop() })
+	return s
+}
+
+func (s *server) client(t *testing.T) (authv3.AuthorizationClient, healthpb.HealthClient) {
+	t.Helper()
+	conn, err := grpc.NewClient(s.addrs.GRPC, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return authv3.NewAuthorizationClient(conn), healthpb.NewHealthClient(conn)
+}
+
+func checkReq(h map[string]string) *authv3.CheckRequest {
+	h[":path"], h[":method"], h[":authority"] = "/v1/orders", "GET", "api.example.com"
+	return &authv3.CheckRequest{Attributes: &authv3.AttributeContext{Request: &authv3.AttributeContext_Request{
+		Http: &authv3.AttributeContext_HttpRequest{Method: "GET", Path: "/v1/orders", Host: "api.example.com", Headers: h},
+	}}}
+}
+
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// eventually polls cond for up to a second: the revocation promise.
+func eventually(t *testing.T, what string, cond func() bool) time.Duration {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < time.Second {
+		if cond() {
+			return time.Since(start)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("%s: not within a second", what)
+	return 0
+}
+
+func TestServeEndToEnd(t *testing.T) {
+	for name, open := range stores(t) {
+		t.Run(name, func(t *testing.T) {
+			c := open(t)
+			k := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]
+			gone := c.ok("", "keys", "create", "--tenant", "acme", "--kind", "token")[0]
+			srv := startServer(t, c)
+			authz, hc := srv.client(t)
+			ctx := context.Background()
+
+			eventually(t, "readiness", func() bool { code, _ := httpGet(t, "http://"+srv.addrs.HTTP+"/readyz"); return code == 200 })
+			hr, err := hc.Check(ctx, &healthpb.HealthCheckRequest{Service: "envoy.service.auth.v3.Authorization"})
+			if err != nil || hr.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+				t.Fatalf("grpc health: %v %v", hr, err)
+			}
+
+			allowed := func(cred string) bool {
+				r, err := authz.Check(ctx, checkReq(map[string]string{"authorization": "Bearer " + cred}))
+				if err != nil {
+					t.Fatalf("check: %v", err)
+				}
+				return r.GetStatus().GetCode() == 0
+			}
+			if !allowed(k["credential"].(string)) || !allowed(gone["credential"].(string)) {
+				t.Fatal("fresh keys denied")
+			}
+			// A key created after the server started works at once.
+			late := c.ok("", "keys", "create", "--tenant", "beta")[0]
+			eventually(t, "new key", func() bool { return allowed(late["credential"].(string)) })
+
+			// Revoke and delete through the CLI (another process's view): the
+			// server's cached allow must not survive a second.
+			c.ok("", "keys", "revoke", k["id"].(string))
+			lag := eventually(t, "revoke", func() bool { return !allowed(k["credential"].(string)) })
+			c.ok("", "keys", "delete", gone["id"].(string))
+			lag2 := eventually(t, "delete", func() bool { return !allowed(gone["credential"].(string)) })
+			t.Logf("revoke seen after %v, delete after %v", lag, lag2)
+
+			_, metrics := httpGet(t, "http://"+srv.addrs.Admin+"/metrics")
+			for _, want := range []string{
+				`extauthz_checks_total{reason="allowed",result="allow"}`, `extauthz_checks_total{reason="revoked",result="deny"}`,
+				`extauthz_cache_lookups_total{result="hit"}`, "extauthz_check_duration_seconds_bucket", "extauthz_store_lookups_total",
+				"extauthz_singleflight_shared_total", "extauthz_cache_invalidations_total",
+			} {
+				if !strings.Contains(metrics, want) {
+					t.Errorf("metrics lack %s", want)
+				}
+			}
+
+			if code := srv.stop(); code != 0 {
+				t.Fatalf("SIGTERM: exit %d", code)
+			}
+			logs := srv.log.String()
+			for _, secret := range []string{k["secret_key"].(string), gone["credential"].(string), late["credential"].(string)} {
+				if strings.Contains(logs, secret[3:]) {
+					t.Fatal("a secret reached the log")
+				}
+			}
+			for _, want := range []string{`"msg":"denied"`, `"reason":"revoked"`, `"key_id":"` + k["id"].(string), "shutting down", `"msg":"stopped"`} {
+				if !strings.Contains(logs, want) {
+					t.Errorf("log lacks %s", want)
+				}
+			}
+			if name == "embedded" && !strings.Contains(strings.SplitN(logs, "\n", 2)[0], "embedded default") {
+				t.Errorf("first log line does not say embedded default: %s", strings.SplitN(logs, "\n", 2)[0])
+			}
+		})
+	}
+}
+
+// Health flips to NOT_SERVING on SIGTERM while in-flight checks finish.
+func TestServeShutdownHealth(t *testing.T) {
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_SHUTDOWN_DELAY": "300ms"}}
+	srv := startServer(t, c)
+	_, hc := srv.client(t)
+	ctx := context.Background()
+	stream, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{Service: ""})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := stream.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("first status %v %v", r, err)
+	}
+	codec := make(chan int, 1)
+	go func() { codec <- srv.stop() }()
+	r, err := stream.Recv()
+	if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("after SIGTERM: %v %v, want NOT_SERVING before the drain", r, err)
+	}
+	// The stream ends: an open Watch must not hold the drain until its timeout.
+	for {
+		r, err := stream.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Fatalf("after NOT_SERVING: %v %v, want the stream to end", r, err)
+		}
+	}
+	if code := <-codec; code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+}
