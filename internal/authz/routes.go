@@ -56,7 +56,7 @@ func ParseRoutes(b []byte) (*Routes, error) {
 		case r.Public && len(r.Scopes) > 0:
 			return nil, fmt.Errorf("route %d: a public route cannot require scopes", i+1)
 		case strings.Contains(r.Host, "*") && !strings.HasPrefix(r.Host, "*.") || strings.Count(r.Host, "*") > 1:
-			return nil, fmt.Errorf("route %d: host wildcard must be a leading *.", i+1)
+			return nil, fmt.Errorf("route %d: host wildcard must be a leading \"*.\" label", i+1)
 		}
 		if err := tokens.ValidateScopes(r.Scopes); err != nil {
 			return nil, fmt.Errorf("route %d: %w", i+1, err)
