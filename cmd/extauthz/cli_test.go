@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/extauthz/extauthz/internal/pgtest"
+	"github.com/extauthz/extauthz/internal/testsvc"
 )
 
 // cli runs extauthz in process with the given environment.
@@ -74,7 +74,7 @@ func stores(t *testing.T) map[string]func(t *testing.T) *cli {
 		},
 		"postgres": func(t *testing.T) *cli {
 			c := &cli{t: t, env: map[string]string{
-				"EXTAUTHZ_STORE":        pgtest.NewDatabase(t),
+				"EXTAUTHZ_STORE":        testsvc.NewDatabase(t),
 				"EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32,
 			}}
 			out := c.ok("", "migrate")

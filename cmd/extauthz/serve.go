@@ -119,7 +119,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	bg.Go(func() {
 		err := store.Watch(bgCtx, func(c tokens.Change) {
-			n := auth.Apply(c)
+			n := auth.Apply(bgCtx, c)
 			log.Debug("key store changed", zap.Strings("key_ids", c.KeyIDs), zap.Bool("all", c.All), zap.Int("dropped", n))
 		})
 		if err != nil && !errors.Is(err, context.Canceled) {

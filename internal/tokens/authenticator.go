@@ -28,8 +28,14 @@ type Options struct {
 	NegativeTTL  time.Duration // denials; default 30s
 	MaxStale     time.Duration // serve past TTL while the store is down; 0 disables
 	StoreTimeout time.Duration // per store lookup; default 100ms
-	Now          func() time.Time
-	Logger       *zap.Logger
+	// Shared is the optional tier shared by replicas (Redis); nil: none.
+	Shared        SharedCache
+	SharedTimeout time.Duration // per shared-tier call; default 25ms
+	// SharedRetry is how long the shared tier is skipped after an error,
+	// so an outage costs one timeout a period, not one per miss. Default 1s.
+	SharedRetry time.Duration
+	Now         func() time.Time
+	Logger      *zap.Logger
 }
 
 // Stats are cumulative counters, safe to read at any time.
@@ -39,6 +45,9 @@ type Stats struct {
 	StoreLookups, StoreErrors                 atomic.Uint64
 	SharedLookups                             atomic.Uint64 // misses that joined a lookup in flight
 	Invalidated                               atomic.Uint64 // cache entries dropped by invalidation
+	SharedHits, SharedMisses, SharedErrors    atomic.Uint64
+	SharedSkipped                             atomic.Uint64 // shared tier not asked: recently failed
+	Uncached                                  atomic.Uint64 // lookups not cached: an invalidation overlapped them
 }
 
 // Authenticator resolves credentials to principals: one HMAC, then the
@@ -52,6 +61,11 @@ type Authenticator struct {
 	opts    Options
 	log     *zap.Logger
 	stats   Stats
+	// invalidations counts invalidations. A lookup that overlapped one
+	// must not leave its result cached: invalidators bump it before they
+	// delete, lookups re-check it after they write.
+	invalidations atomic.Uint64
+	sharedDown    atomic.Int64 // unix nanoseconds until which the shared tier is skipped
 }
 
 // NewAuthenticator wires the lookup chain.
@@ -67,6 +81,12 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 	}
 	if o.StoreTimeout <= 0 {
 		o.StoreTimeout = 100 * time.Millisecond
+	}
+	if o.SharedTimeout <= 0 {
+		o.SharedTimeout = 25 * time.Millisecond
+	}
+	if o.SharedRetry <= 0 {
+		o.SharedRetry = time.Second
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -149,9 +169,38 @@ func (d *decision) result() Result {
 	return Result{Principal: d.principal, KeyID: d.keyID, TenantID: d.tenantID}
 }
 
-// resolve asks the store and caches what it learns. A store failure is
-// returned as an error wrapping ErrUnavailable and caches nothing.
+// resolve asks the shared tier, then the store, and caches what it learns.
+// A store failure is returned as an error wrapping ErrUnavailable, unless a
+// stale shared entry can stand in for it.
 func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*decision, error) {
+	seq := a.invalidations.Load()
+	now := a.opts.Now()
+	var staleShared *SharedEntry
+	if e := a.sharedGet(ctx, k, now); e != nil {
+		if now.Before(e.FreshUntil) {
+			d := e.decision()
+			a.keep(k, d, e.FreshUntil.UnixNano(), e.StaleUntil.UnixNano(), seq, false)
+			return d, nil
+		}
+		if now.Before(e.StaleUntil) {
+			staleShared = e
+		}
+	}
+	d, err := a.lookup(ctx, c, now)
+	if err != nil {
+		if staleShared != nil {
+			a.stats.StaleServed.Add(1)
+			return staleShared.decision(), nil
+		}
+		return nil, err
+	}
+	fresh, stale := a.deadlines(d, now)
+	a.keep(k, d, fresh, stale, seq, true)
+	return d, nil
+}
+
+// lookup asks the store and judges the key it returns.
+func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time) (*decision, error) {
 	a.stats.StoreLookups.Add(1)
 	var key *Key
 	var err error
@@ -161,8 +210,6 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 	default:
 		key, err = a.store.KeyByDigest(ctx, a.hasher.DigestAll(c.raw))
 	}
-	now := a.opts.Now()
-	d := &decision{err: ErrUnknown}
 	switch {
 	case errors.Is(err, ErrNotFound):
 		if c.kind == KindPair {
@@ -170,14 +217,83 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 			// unknown public key from a known one.
 			a.hasher.Verify("", c.secret, nil)
 		}
+		return &decision{err: ErrUnknown}, nil
 	case err != nil:
 		a.stats.StoreErrors.Add(1)
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
-	default:
-		d = a.judge(key, c, now)
 	}
-	a.store1(k, d, now)
-	return d, nil
+	return a.judge(key, c, now), nil
+}
+
+// keep caches d in process and, when it came from the store, in the shared
+// tier, then undoes both if an invalidation overlapped the lookup.
+func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint64, toShared bool) {
+	a.cache.put(k, d, fresh, stale)
+	if a.invalidations.Load() != seq {
+		a.cache.drop(k)
+		a.stats.Uncached.Add(1)
+		return
+	}
+	if !toShared || a.opts.Shared == nil {
+		return
+	}
+	e := d.shared(fresh, stale)
+	// Off the check's path; bounded by SharedTimeout.
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), a.opts.SharedTimeout)
+		defer cancel()
+		if !a.sharedUp() {
+			return
+		}
+		if err := a.opts.Shared.Set(ctx, k, e); err != nil {
+			a.sharedFailed(err)
+			return
+		}
+		if a.invalidations.Load() != seq && d.keyID != "" {
+			// An invalidation ran while we wrote: its delete may have
+			// come first. Delete again, now that ours has landed.
+			a.stats.Uncached.Add(1)
+			if err := a.opts.Shared.Forget(ctx, []string{d.keyID}); err != nil {
+				a.sharedFailed(err)
+			}
+		}
+	}()
+}
+
+func (a *Authenticator) sharedUp() bool {
+	if a.opts.Now().UnixNano() < a.sharedDown.Load() {
+		a.stats.SharedSkipped.Add(1)
+		return false
+	}
+	return true
+}
+
+func (a *Authenticator) sharedFailed(err error) {
+	a.stats.SharedErrors.Add(1)
+	if a.sharedDown.Swap(a.opts.Now().Add(a.opts.SharedRetry).UnixNano()) < a.opts.Now().UnixNano() {
+		a.log.Warn("shared cache unavailable; using the process cache and the store", zap.Error(err), zap.Duration("retry_in", a.opts.SharedRetry))
+	}
+}
+
+// sharedGet asks the shared tier under its own short deadline. Errors are
+// counted and make the tier skipped for a while; they never fail a check.
+func (a *Authenticator) sharedGet(ctx context.Context, k Digest, now time.Time) *SharedEntry {
+	if a.opts.Shared == nil || !a.sharedUp() {
+		return nil
+	}
+	sctx, cancel := context.WithTimeout(ctx, a.opts.SharedTimeout)
+	defer cancel()
+	e, err := a.opts.Shared.Get(sctx, k)
+	switch {
+	case err != nil:
+		a.sharedFailed(err)
+		return nil
+	case e == nil:
+		a.stats.SharedMisses.Add(1)
+		return nil
+	}
+	a.stats.SharedHits.Add(1)
+	return e
 }
 
 // judge verifies the secret, then reports status: revoked and expired are
@@ -202,20 +318,21 @@ func (a *Authenticator) judge(key *Key, c Credential, now time.Time) *decision {
 	return d
 }
 
-// store1 caches d: positives for TTL, denials for NegativeTTL, and a
-// positive never past the key's expiry, stale or not.
-func (a *Authenticator) store1(k Digest, d *decision, now time.Time) {
+// deadlines are when d stops being fresh and stops being usable at all:
+// positives live for TTL, denials for NegativeTTL, and a positive never
+// past the key's expiry, stale or not.
+func (a *Authenticator) deadlines(d *decision, now time.Time) (fresh, stale int64) {
 	ttl := a.opts.NegativeTTL
 	if d.err == nil {
 		ttl = a.opts.TTL
 	}
-	fresh := now.Add(ttl).UnixNano()
-	stale := now.Add(ttl + a.opts.MaxStale).UnixNano()
+	fresh = now.Add(ttl).UnixNano()
+	stale = now.Add(ttl + a.opts.MaxStale).UnixNano()
 	if d.principal != nil && !d.principal.ExpiresAt.IsZero() {
 		exp := d.principal.ExpiresAt.UnixNano()
 		fresh, stale = min(fresh, exp), min(stale, exp)
 	}
-	a.cache.put(k, d, fresh, stale)
+	return fresh, stale
 }
 
 // InvalidateKeys drops every cached decision of these key ids.
@@ -223,6 +340,7 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 	if len(ids) == 0 {
 		return 0
 	}
+	a.invalidations.Add(1)
 	set := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
 		set[id] = struct{}{}
@@ -237,6 +355,7 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 
 // InvalidateTenant drops every cached decision of a tenant's keys.
 func (a *Authenticator) InvalidateTenant(tenant string) int {
+	a.invalidations.Add(1)
 	n := a.cache.dropWhere(func(d *decision) bool { return d.tenantID == tenant && d.keyID != "" })
 	a.stats.Invalidated.Add(uint64(n))
 	return n
@@ -245,6 +364,7 @@ func (a *Authenticator) InvalidateTenant(tenant string) int {
 // InvalidateAll empties the cache: for a store that can no longer tell
 // what changed.
 func (a *Authenticator) InvalidateAll() int {
+	a.invalidations.Add(1)
 	n := a.cache.dropWhere(func(*decision) bool { return true })
 	a.stats.Invalidated.Add(uint64(n))
 	return n
@@ -253,5 +373,6 @@ func (a *Authenticator) InvalidateAll() int {
 // ForgetUnknown drops cached "unknown credential" denials, so that a key
 // imported or created a moment after a failed attempt works at once.
 func (a *Authenticator) ForgetUnknown() int {
+	a.invalidations.Add(1)
 	return a.cache.dropWhere(func(d *decision) bool { return d.keyID == "" })
 }

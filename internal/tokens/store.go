@@ -51,10 +51,16 @@ type Change struct {
 	Tenant string   // every key of this tenant
 	Added  bool     // keys were created: cached "unknown" denials are stale
 	All    bool     // the store cannot say: drop everything
+
+	Source string    // "postgres", "file" or "redis", for the lag metric
+	SentAt time.Time // when the change was made or sent; zero if unknown
 }
 
-// Apply drops the cached decisions a change makes stale.
-func (a *Authenticator) Apply(c Change) int {
+// Apply drops the cached decisions a change makes stale: in process, and
+// for named keys in the shared tier too. Every replica applies every
+// change it hears of, so a shared entry written by a replica that had not
+// heard yet is deleted by that replica when it does.
+func (a *Authenticator) Apply(ctx context.Context, c Change) int {
 	n := 0
 	switch {
 	case c.All:
@@ -65,6 +71,13 @@ func (a *Authenticator) Apply(c Change) int {
 	n += a.InvalidateKeys(c.KeyIDs...)
 	if c.Added {
 		n += a.ForgetUnknown()
+	}
+	if len(c.KeyIDs) > 0 && a.opts.Shared != nil {
+		sctx, cancel := context.WithTimeout(ctx, 4*a.opts.SharedTimeout)
+		defer cancel()
+		if err := a.opts.Shared.Forget(sctx, c.KeyIDs); err != nil {
+			a.sharedFailed(err)
+		}
 	}
 	return n
 }

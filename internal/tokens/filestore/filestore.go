@@ -333,6 +333,7 @@ func diff(old, cur *snapshot) (tokens.Change, bool) {
 			break
 		}
 	}
+	c.Source, c.SentAt = "file", cur.stamp.mtime
 	return c, c.Added || len(c.KeyIDs) > 0
 }
 

@@ -344,17 +344,24 @@ func (s *Store) listen(ctx context.Context, fn func(tokens.Change), connected fu
 // parseNotification reads the trigger's payload. Anything unreadable is
 // treated as "everything may have changed".
 func parseNotification(payload string) tokens.Change {
-	var p struct{ Op, ID, Tenant string }
-	if err := json.Unmarshal([]byte(payload), &p); err != nil {
-		return tokens.Change{All: true}
+	var p struct {
+		Op, ID, Tenant string
+		SentUS         int64 `json:"sent_us"` // from migration 2 on
 	}
+	if err := json.Unmarshal([]byte(payload), &p); err != nil {
+		return tokens.Change{All: true, Source: "postgres"}
+	}
+	c := tokens.Change{All: true, Source: "postgres"}
 	switch p.Op {
 	case "insert":
-		return tokens.Change{Added: true}
+		c = tokens.Change{Added: true, Source: "postgres"}
 	case "update", "delete":
 		if p.ID != "" {
-			return tokens.Change{KeyIDs: []string{p.ID}}
+			c = tokens.Change{KeyIDs: []string{p.ID}, Source: "postgres"}
 		}
 	}
-	return tokens.Change{All: true}
+	if p.SentUS > 0 {
+		c.SentAt = time.UnixMicro(p.SentUS)
+	}
+	return c
 }

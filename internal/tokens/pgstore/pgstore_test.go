@@ -8,7 +8,7 @@ import (
 
 	"go.uber.org/zap/zaptest"
 
-	"github.com/extauthz/extauthz/internal/pgtest"
+	"github.com/extauthz/extauthz/internal/testsvc"
 	"github.com/extauthz/extauthz/internal/tokens"
 	"github.com/extauthz/extauthz/internal/tokens/storetest"
 )
@@ -16,7 +16,7 @@ import (
 // newStore opens a store on a fresh, migrated database.
 func newStore(t *testing.T) (*Store, string) {
 	t.Helper()
-	dsn := pgtest.NewDatabase(t)
+	dsn := testsvc.NewDatabase(t)
 	s, err := Open(context.Background(), dsn, zaptest.NewLogger(t))
 	if err != nil {
 		t.Fatal(err)
@@ -42,7 +42,7 @@ func TestStoreSuite(t *testing.T) {
 }
 
 func TestMigrateIdempotentAndSchemaCheck(t *testing.T) {
-	dsn := pgtest.NewDatabase(t)
+	dsn := testsvc.NewDatabase(t)
 	ctx := context.Background()
 	s, err := Open(ctx, dsn, nil)
 	if err != nil {

@@ -1,8 +1,8 @@
-// Package pgtest gives each test its own PostgreSQL database on the server
-// named by EXTAUTHZ_TEST_POSTGRES (default: the local server, user postgres,
-// database test). When the server is unreachable the test fails under
-// CI=true and is skipped, loudly, otherwise.
-package pgtest
+// Package testsvc gives each test its own PostgreSQL database (on the server
+// named by EXTAUTHZ_TEST_POSTGRES, default the local one) or Redis key prefix
+// (EXTAUTHZ_TEST_REDIS), and cleans up after it. When a server is
+// unreachable the test fails under CI=true and is skipped, loudly, otherwise.
+package testsvc
 
 import (
 	"context"
