@@ -172,4 +172,3 @@ func TestNewClientModes(t *testing.T) {
 		t.Errorf("parse error %v must not echo the password", err)
 	}
 }
-
