@@ -42,32 +42,43 @@ func (f *fakeStore) wait(ctx context.Context) error {
 	return nil
 }
 
+// Lookups read first and then wait at the gate, like a query whose row
+// was read before a concurrent UPDATE committed.
 func (f *fakeStore) KeyByPublic(ctx context.Context, pk string) (*Key, error) {
+	f.mu.Lock()
+	k := f.byPublic[pk]
+	var c Key
+	if k != nil {
+		c = *k
+	}
+	f.mu.Unlock()
 	if err := f.wait(ctx); err != nil {
 		return nil, err
 	}
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if k := f.byPublic[pk]; k != nil {
-		c := *k
-		return &c, nil
+	if k == nil {
+		return nil, ErrNotFound
 	}
-	return nil, ErrNotFound
+	return &c, nil
 }
 
 func (f *fakeStore) KeyByDigest(ctx context.Context, ds []Digest) (*Key, error) {
-	if err := f.wait(ctx); err != nil {
-		return nil, err
-	}
 	f.mu.Lock()
-	defer f.mu.Unlock()
+	var found *Key
 	for _, d := range ds {
 		if k := f.byDigest[d]; k != nil {
 			c := *k
-			return &c, nil
+			found = &c
+			break
 		}
 	}
-	return nil, ErrNotFound
+	f.mu.Unlock()
+	if err := f.wait(ctx); err != nil {
+		return nil, err
+	}
+	if found == nil {
+		return nil, ErrNotFound
+	}
+	return found, nil
 }
 
 func (f *fakeStore) update(fn func()) { f.mu.Lock(); fn(); f.mu.Unlock() }

@@ -1,0 +1,193 @@
+package tokens
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeShared is an in-memory SharedCache that can fail.
+type fakeShared struct {
+	mu      sync.Mutex
+	m       map[Digest]*SharedEntry
+	fail    atomic.Bool
+	calls   atomic.Int64
+	sets    chan struct{} // signalled after each Set
+	forgets atomic.Int64
+}
+
+func newFakeShared() *fakeShared {
+	return &fakeShared{m: map[Digest]*SharedEntry{}, sets: make(chan struct{}, 100)}
+}
+
+func (f *fakeShared) Get(_ context.Context, k Digest) (*SharedEntry, error) {
+	f.calls.Add(1)
+	if f.fail.Load() {
+		return nil, errors.New("redis down")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.m[k], nil
+}
+
+func (f *fakeShared) Set(_ context.Context, k Digest, e *SharedEntry) error {
+	f.calls.Add(1)
+	defer func() { f.sets <- struct{}{} }()
+	if f.fail.Load() {
+		return errors.New("redis down")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.m[k] = e
+	return nil
+}
+
+func (f *fakeShared) Forget(_ context.Context, ids []string) error {
+	f.forgets.Add(1)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for k, e := range f.m {
+		for _, id := range ids {
+			if e.KeyID == id {
+				delete(f.m, k)
+			}
+		}
+	}
+	return nil
+}
+
+func (f *fakeShared) len() int { f.mu.Lock(); defer f.mu.Unlock(); return len(f.m) }
+
+func waitSet(t *testing.T, f *fakeShared) {
+	t.Helper()
+	select {
+	case <-f.sets:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no shared Set")
+	}
+}
+
+// Two replicas share one tier: the second answers from it without the store.
+func TestSharedTierBetweenReplicas(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	f1 := newFixture(t, Options{Shared: shared, TTL: time.Minute})
+	f1.addPair("k1", "acme", "read")
+	cred := mustParse(t, testPair)
+	if _, err := f1.a.Authenticate(context.Background(), cred); err != nil {
+		t.Fatal(err)
+	}
+	waitSet(t, shared)
+	// Replica 2: same store contents would answer too, but it must not be asked.
+	a2 := NewAuthenticator(f1.h, failingStore{}, Options{Shared: shared, Now: f1.clock.Now})
+	res, err := a2.Authenticate(context.Background(), cred)
+	if err != nil || res.Principal == nil || res.Principal.ScopesHeader != "read" {
+		t.Fatalf("replica 2: %+v %v, want an allow from the shared tier", res, err)
+	}
+	if a2.Stats().SharedHits.Load() != 1 || a2.Stats().StoreLookups.Load() != 0 {
+		t.Fatalf("shared hits %d, store lookups %d", a2.Stats().SharedHits.Load(), a2.Stats().StoreLookups.Load())
+	}
+}
+
+// failingStore is a key store that is down.
+type failingStore struct{}
+
+func (failingStore) KeyByPublic(context.Context, string) (*Key, error) {
+	return nil, errors.New("connection refused")
+}
+
+func (failingStore) KeyByDigest(context.Context, []Digest) (*Key, error) {
+	return nil, errors.New("connection refused")
+}
+
+func TestSharedDownNeverFailsACheck(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	shared.fail.Store(true)
+	f := newFixture(t, Options{Shared: shared, SharedRetry: time.Second, NegativeTTL: time.Second, TTL: time.Second})
+	f.addPair("k1", "acme")
+	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testPair)); err != nil {
+		t.Fatalf("redis down: %v, want an answer from the store", err)
+	}
+	calls := shared.calls.Load()
+	// Within the retry window the tier is not asked again.
+	f.clock.Add(1500 * time.Millisecond / 2)
+	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testToken)); !errors.Is(err, ErrUnknown) {
+		t.Fatal(err)
+	}
+	if shared.calls.Load() != calls {
+		t.Fatalf("shared tier asked %d more times within the retry window", shared.calls.Load()-calls)
+	}
+	if f.a.Stats().SharedSkipped.Load() == 0 || f.a.Stats().SharedErrors.Load() == 0 {
+		t.Fatal("errors and skips not counted")
+	}
+	// After it, it is tried again (and, back up, used).
+	shared.fail.Store(false)
+	f.clock.Add(time.Second)
+	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testPair)); err != nil {
+		t.Fatal(err)
+	}
+	if shared.calls.Load() == calls {
+		t.Fatal("shared tier not retried after the window")
+	}
+}
+
+func TestStaleSharedEntryServesWhenStoreDown(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	f := newFixture(t, Options{Shared: shared, TTL: time.Minute, MaxStale: 10 * time.Minute})
+	f.addPair("k1", "acme")
+	cred := mustParse(t, testPair)
+	if _, err := f.a.Authenticate(context.Background(), cred); err != nil {
+		t.Fatal(err)
+	}
+	waitSet(t, shared)
+	// A fresh replica, store down, entry past TTL but within MaxStale.
+	f.clock.Add(5 * time.Minute)
+	a2 := NewAuthenticator(f.h, failingStore{}, Options{Shared: shared, Now: f.clock.Now, TTL: time.Minute, MaxStale: 10 * time.Minute})
+	if res, err := a2.Authenticate(context.Background(), cred); err != nil || res.Principal == nil {
+		t.Fatalf("stale shared entry: %+v %v, want allow", res, err)
+	}
+	f.clock.Add(10 * time.Minute)
+	if _, err := a2.Authenticate(context.Background(), cred); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("past max stale: %v, want ErrUnavailable", err)
+	}
+}
+
+// A lookup that overlaps an invalidation of its key must not leave its
+// (possibly pre-revocation) answer cached anywhere.
+func TestInvalidationDuringLookupIsNotCached(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	f := newFixture(t, Options{Shared: shared, TTL: time.Hour})
+	f.addPair("k1", "acme")
+	f.store.gate = make(chan struct{})
+	cred := mustParse(t, testPair)
+	done := make(chan error)
+	go func() {
+		_, err := f.a.Authenticate(context.Background(), cred)
+		done <- err
+	}()
+	for f.store.lookups.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	// The store has read the key (still active); now it is revoked and the
+	// invalidation arrives before the lookup finishes.
+	f.store.update(func() { f.store.byPublic[testPublic].RevokedAt = f.clock.Now() })
+	f.a.Apply(context.Background(), Change{KeyIDs: []string{"k1"}})
+	close(f.store.gate)
+	// The in-flight answer is the one read before the revocation ...
+	if err := <-done; err != nil {
+		t.Fatalf("in-flight answer: %v, want the allow read before the revocation", err)
+	}
+	// ... but it is cached nowhere.
+	if f.a.Cache().Len() != 0 || shared.len() != 0 {
+		t.Fatalf("overlapping lookup cached: process %d, shared %d", f.a.Cache().Len(), shared.len())
+	}
+	if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("next check: %v, want ErrRevoked", err)
+	}
+}
