@@ -13,6 +13,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
 // Config is every setting, read from EXTAUTHZ_* variables. Defaults are
@@ -21,6 +22,10 @@ type Config struct {
 	Store   string // postgres://..., postgresql://..., file:<path>; "" = file in DataDir
 	DataDir string // embedded default: keys file and generated pepper
 	Peppers []tokens.Pepper
+
+	RedisURL    string // optional shared tier and invalidation bus
+	RedisMode   string // single, sentinel or cluster
+	RedisPrefix string
 
 	GRPCAddr   string
 	HTTPAddr   string
@@ -46,6 +51,8 @@ type Config struct {
 func defaultConfig() Config {
 	return Config{
 		DataDir:           ".extauthz",
+		RedisMode:         rediscache.ModeSingle,
+		RedisPrefix:       "extauthz:",
 		GRPCAddr:          ":9001",
 		HTTPAddr:          ":8080",
 		AdminAddr:         ":9090",
@@ -95,14 +102,25 @@ func (c *Config) StoreDescription() string {
 	return "postgres"
 }
 
+// RedisDescription names the Redis URL for logs, without credentials.
+func (c *Config) RedisDescription() string {
+	if c.RedisURL == "" {
+		return "none"
+	}
+	if u, err := url.Parse(c.RedisURL); err == nil {
+		return u.Redacted() + " (" + c.RedisMode + ")"
+	}
+	return "redis (" + c.RedisMode + ")"
+}
+
 // String never prints a pepper or a DSN password.
 func (c Config) String() string {
 	ids := make([]string, len(c.Peppers))
 	for i, p := range c.Peppers {
 		ids[i] = p.ID
 	}
-	return fmt.Sprintf("Config{store=%s peppers=%v grpc=%s http=%s admin=%s}",
-		c.StoreDescription(), ids, c.GRPCAddr, c.HTTPAddr, c.AdminAddr)
+	return fmt.Sprintf("Config{store=%s redis=%s peppers=%v grpc=%s http=%s admin=%s}",
+		c.StoreDescription(), c.RedisDescription(), ids, c.GRPCAddr, c.HTTPAddr, c.AdminAddr)
 }
 
 // GoString keeps %#v from dumping the peppers.
@@ -173,6 +191,25 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		c.Peppers = ps
 	} else if c.Store != "" {
 		bad("HMAC_SECRETS", "required when EXTAUTHZ_STORE is set (id:secret[,id:secret...], secrets of 32+ bytes)")
+	}
+
+	str("REDIS_PREFIX", &c.RedisPrefix)
+	if v, ok := get("REDIS_MODE"); ok {
+		switch v {
+		case rediscache.ModeSingle, rediscache.ModeSentinel, rediscache.ModeCluster:
+			c.RedisMode = v
+		default:
+			bad("REDIS_MODE", "%q: want single, sentinel or cluster", v)
+		}
+	}
+	if v, ok := get("REDIS_URL"); ok {
+		// Parsed now (no connection is made) so a bad URL fails at start.
+		if rdb, err := rediscache.NewClient(v, c.RedisMode); err != nil {
+			bad("REDIS_URL", "%v", err)
+		} else {
+			rdb.Close()
+		}
+		c.RedisURL = v
 	}
 
 	addr("GRPC_ADDR", &c.GRPCAddr)
@@ -251,7 +288,7 @@ var known = map[string]bool{
 	"ADMIN_ADDR": true, "HTTP_PREFIX": true, "CREDENTIAL_SOURCES": true, "STRIP_CREDENTIAL": true,
 	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
-	"LOG_LEVEL": true,
+	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

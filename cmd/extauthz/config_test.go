@@ -54,6 +54,9 @@ func TestConfigAllSettings(t *testing.T) {
 		"EXTAUTHZ_SHUTDOWN_DELAY":     "3s",
 		"EXTAUTHZ_SHUTDOWN_TIMEOUT":   "10s",
 		"EXTAUTHZ_LOG_LEVEL":          "debug",
+		"EXTAUTHZ_REDIS_URL":          "redis://n1:6379?addr=n2:6379",
+		"EXTAUTHZ_REDIS_MODE":         "cluster",
+		"EXTAUTHZ_REDIS_PREFIX":       "shop:",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -61,6 +64,7 @@ func TestConfigAllSettings(t *testing.T) {
 	want := Config{
 		Store: "postgres://u:pw@db:5432/keys", DataDir: ".extauthz",
 		Peppers:  []tokens.Pepper{{ID: "k2", Secret: []byte(pepper32)}, {ID: "k1", Secret: []byte(pepper32)}},
+		RedisURL: "redis://n1:6379?addr=n2:6379", RedisMode: "cluster", RedisPrefix: "shop:",
 		GRPCAddr: "127.0.0.1:7000", HTTPAddr: ":7001", AdminAddr: ":7002", HTTPPrefix: "/authz",
 		CredentialSources: []string{"x-api-key"}, StripCredential: false, Realm: "shop", RoutesFile: "/etc/routes.json",
 		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
@@ -95,6 +99,8 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_SHUTDOWN_DELAY":     "soon",
 		"EXTAUTHZ_SHUTDOWN_TIMEOUT":   "1ms",
 		"EXTAUTHZ_LOG_LEVEL":          "loud",
+		"EXTAUTHZ_REDIS_MODE":         "ring",
+		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
 	}
 	// Each alone fails, naming its setting.
 	for name, value := range cases {
@@ -129,12 +135,13 @@ func TestConfigNeverPrintsSecrets(t *testing.T) {
 	c, err := loadConfig(lookupMap(map[string]string{
 		"EXTAUTHZ_STORE":        "postgres://user:dbpassword@db/keys",
 		"EXTAUTHZ_HMAC_SECRETS": "k1:" + secret,
+		"EXTAUTHZ_REDIS_URL":    "redis://default:redispassword@cache:6379/0",
 	}))
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, s := range []string{c.String(), fmt.Sprintf("%v %+v %#v %s", c, c, c, c), c.StoreDescription()} {
-		if strings.Contains(s, secret) || strings.Contains(s, "dbpassword") {
+	for _, s := range []string{c.String(), fmt.Sprintf("%v %+v %#v %s", c, c, c, c), c.StoreDescription(), c.RedisDescription()} {
+		if strings.Contains(s, secret) || strings.Contains(s, "dbpassword") || strings.Contains(s, "redispassword") {
 			t.Errorf("secret printed: %s", s)
 		}
 	}

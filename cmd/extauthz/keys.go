@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
 // keys dispatches the keys subcommands.
@@ -43,7 +44,16 @@ func keys(ctx context.Context, cfg Config, args []string, e *env) error {
 		return err
 	}
 	defer st.Close()
-	err = run(ctx, &keysCmd{store: st, hasher: h, env: e, now: time.Now}, args)
+	kc := &keysCmd{store: st, hasher: h, env: e, now: time.Now}
+	if cfg.RedisURL != "" {
+		rdb, err := rediscache.NewClient(cfg.RedisURL, cfg.RedisMode)
+		if err != nil {
+			return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
+		}
+		defer rdb.Close()
+		kc.shared, kc.bus = rediscache.New(rdb, cfg.RedisPrefix), rediscache.NewBus(rdb, cfg.RedisPrefix)
+	}
+	err = run(ctx, kc, args)
 	if err != nil {
 		var ue usageError
 		if !errors.As(err, &ue) {
@@ -58,6 +68,27 @@ type keysCmd struct {
 	hasher *tokens.Hasher
 	env    *env
 	now    func() time.Time
+	shared *rediscache.Cache // nil without Redis
+	bus    *rediscache.Bus
+}
+
+// notify tells every replica, through Redis, that these keys changed, and
+// deletes their shared entries. With Postgres the trigger's NOTIFY does
+// the same, so this is a second path, not the only one; a failure is a
+// warning, since the change itself is stored.
+func (c *keysCmd) notify(ctx context.Context, ids []string) {
+	if c.bus == nil || len(ids) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := c.shared.Forget(ctx, ids)
+	if err == nil {
+		err = c.bus.Publish(ctx, tokens.Change{KeyIDs: ids})
+	}
+	if err != nil {
+		fmt.Fprintf(c.env.stderr, "extauthz: warning: stored, but Redis could not be told (%v); replicas still learn through the key store\n", err)
+	}
 }
 
 // parseFlags parses a subcommand's flags quietly: errors become one line,
@@ -185,6 +216,7 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 		if err != nil {
 			return err
 		}
+		c.notify(ctx, ids)
 		for _, id := range ids {
 			if err := writeJSON(c.env.stdout, map[string]any{"id": id, "tenant_id": *tenant, "status": "revoked"}); err != nil {
 				return err
@@ -200,6 +232,7 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 		}
 		return err
 	}
+	c.notify(ctx, rest[:1])
 	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "revoked"})
 }
 
@@ -218,6 +251,7 @@ func keysDelete(ctx context.Context, c *keysCmd, args []string) error {
 		}
 		return err
 	}
+	c.notify(ctx, rest[:1])
 	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "deleted"})
 }
 

@@ -22,9 +22,16 @@ func (o *checkObserver) Observe(r authz.Reason, d time.Duration) {
 	o.dur[r].Observe(d.Seconds())
 }
 
+// lagObserver records how long key changes took to reach this replica.
+type lagObserver struct{ h *prometheus.HistogramVec }
+
+func (l lagObserver) Observe(source string, d time.Duration) {
+	l.h.WithLabelValues(source).Observe(max(d, 0).Seconds())
+}
+
 // newMetrics builds a registry (no global state) with the check metrics,
 // the lookup chain's counters, and the Go runtime and process collectors.
-func newMetrics(a *tokens.Authenticator) (*prometheus.Registry, *checkObserver) {
+func newMetrics(a *tokens.Authenticator) (*prometheus.Registry, *checkObserver, lagObserver) {
 	reg := prometheus.NewRegistry()
 	checks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "extauthz_checks_total",
@@ -67,6 +74,17 @@ func newMetrics(a *tokens.Authenticator) (*prometheus.Registry, *checkObserver) 
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "extauthz_cache_entries", Help: "Decisions held in the in-process cache.",
 	}, func() float64 { return float64(a.Cache().Len()) }))
+	counter("extauthz_shared_cache_hits_total", "Misses answered by the shared (Redis) tier.", st.SharedHits.Load)
+	counter("extauthz_shared_cache_misses_total", "Misses the shared tier did not hold.", st.SharedMisses.Load)
+	counter("extauthz_shared_cache_errors_total", "Shared-tier calls that failed (checks went on without it).", st.SharedErrors.Load)
+	counter("extauthz_shared_cache_skipped_total", "Shared-tier calls skipped because it failed within the last second.", st.SharedSkipped.Load)
+	counter("extauthz_lookups_uncached_total", "Lookups not cached because an invalidation overlapped them.", st.Uncached.Load)
+	lag := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name:    "extauthz_invalidation_lag_seconds",
+		Help:    "Time from a key change (revoke, delete, update) to this replica applying it, by path (postgres, redis, file).",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14), // 0.5ms .. ~4s
+	}, []string{"source"})
+	reg.MustRegister(lag)
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	return reg, o
+	return reg, o, lagObserver{lag}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
 type boundAddrs struct{ GRPC, HTTP, Admin string }
@@ -30,7 +31,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 			", generated pepper in "+cfg.DataDir+", local cache only (set EXTAUTHZ_STORE and EXTAUTHZ_HMAC_SECRETS for production)",
 			zap.String("version", version))
 	} else {
-		log.Info("extauthz starting", zap.String("version", version), zap.String("store", cfg.StoreDescription()))
+		log.Info("extauthz starting", zap.String("version", version), zap.String("store", cfg.StoreDescription()), zap.String("redis", cfg.RedisDescription()))
 	}
 	if unknown := unknownSettings(e.environ); len(unknown) > 0 {
 		log.Warn("ignoring unknown settings (misspelt?)", zap.Strings("names", unknown))
@@ -56,11 +57,22 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	defer store.Close()
 
-	auth := tokens.NewAuthenticator(hasher, store, tokens.Options{
+	topts := tokens.Options{
 		CacheSize: cfg.CacheSize, TTL: cfg.CacheTTL, NegativeTTL: cfg.NegativeTTL,
 		MaxStale: cfg.MaxStale, StoreTimeout: cfg.StoreTimeout, Logger: log.Named("tokens"),
-	})
-	reg, observer := newMetrics(auth)
+	}
+	var bus *rediscache.Bus
+	if cfg.RedisURL != "" {
+		rdb, err := rediscache.NewClient(cfg.RedisURL, cfg.RedisMode)
+		if err != nil {
+			return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
+		}
+		defer rdb.Close()
+		topts.Shared = rediscache.New(rdb, cfg.RedisPrefix)
+		bus = rediscache.NewBus(rdb, cfg.RedisPrefix)
+	}
+	auth := tokens.NewAuthenticator(hasher, store, topts)
+	reg, observer, lag := newMetrics(auth)
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,
@@ -117,15 +129,29 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 			}
 		})
 	}
+	apply := func(c tokens.Change) {
+		n := auth.Apply(bgCtx, c)
+		if !c.SentAt.IsZero() {
+			lag.Observe(c.Source, time.Since(c.SentAt))
+		}
+		if c.All {
+			log.Warn("key change notifications were interrupted; dropped every cached decision", zap.String("source", c.Source), zap.Int("dropped", n))
+			return
+		}
+		log.Debug("keys changed", zap.String("source", c.Source), zap.Strings("key_ids", c.KeyIDs), zap.Bool("added", c.Added), zap.Int("dropped", n))
+	}
 	bg.Go(func() {
-		err := store.Watch(bgCtx, func(c tokens.Change) {
-			n := auth.Apply(bgCtx, c)
-			log.Debug("key store changed", zap.Strings("key_ids", c.KeyIDs), zap.Bool("all", c.All), zap.Int("dropped", n))
-		})
-		if err != nil && !errors.Is(err, context.Canceled) {
+		if err := store.Watch(bgCtx, apply); err != nil && !errors.Is(err, context.Canceled) {
 			log.Error("key store watch ended", zap.Error(err))
 		}
 	})
+	if bus != nil {
+		bg.Go(func() {
+			if err := bus.Subscribe(bgCtx, apply); err != nil && !errors.Is(err, context.Canceled) {
+				log.Error("redis invalidation subscription ended", zap.Error(err))
+			}
+		})
+	}
 	bg.Go(func() { watchReadiness(bgCtx, store, health, log) })
 
 	log.Info("serving",
