@@ -44,6 +44,8 @@ type Config struct {
 	StoreTimeout    time.Duration
 	ShutdownDelay   time.Duration
 	ShutdownTimeout time.Duration
+	UsageInterval   time.Duration
+	UsageMaxPending int
 
 	LogLevel zapcore.Level
 }
@@ -67,6 +69,8 @@ func defaultConfig() Config {
 		StoreTimeout:      100 * time.Millisecond,
 		ShutdownDelay:     0,
 		ShutdownTimeout:   20 * time.Second,
+		UsageInterval:     time.Minute,
+		UsageMaxPending:   100000,
 		LogLevel:          zapcore.InfoLevel,
 	}
 }
@@ -268,6 +272,14 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	dur("STORE_TIMEOUT", &c.StoreTimeout, time.Millisecond)
 	dur("SHUTDOWN_DELAY", &c.ShutdownDelay, 0)
 	dur("SHUTDOWN_TIMEOUT", &c.ShutdownTimeout, time.Second)
+	dur("USAGE_INTERVAL", &c.UsageInterval, 100*time.Millisecond)
+	if v, ok := get("USAGE_MAX_PENDING"); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			bad("USAGE_MAX_PENDING", "%q is not a positive number of keys", v)
+		}
+		c.UsageMaxPending = n
+	}
 	if c.NegativeTTL > c.CacheTTL {
 		bad("NEGATIVE_TTL", "%s is longer than EXTAUTHZ_CACHE_TTL %s", c.NegativeTTL, c.CacheTTL)
 	}
@@ -289,6 +301,7 @@ var known = map[string]bool{
 	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
+	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

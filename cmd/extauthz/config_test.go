@@ -57,6 +57,8 @@ func TestConfigAllSettings(t *testing.T) {
 		"EXTAUTHZ_REDIS_URL":          "redis://n1:6379?addr=n2:6379",
 		"EXTAUTHZ_REDIS_MODE":         "cluster",
 		"EXTAUTHZ_REDIS_PREFIX":       "shop:",
+		"EXTAUTHZ_USAGE_INTERVAL":     "30s",
+		"EXTAUTHZ_USAGE_MAX_PENDING":  "10",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -69,7 +71,7 @@ func TestConfigAllSettings(t *testing.T) {
 		CredentialSources: []string{"x-api-key"}, StripCredential: false, Realm: "shop", RoutesFile: "/etc/routes.json",
 		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
 		StoreTimeout: 50 * time.Millisecond, ShutdownDelay: 3 * time.Second, ShutdownTimeout: 10 * time.Second,
-		LogLevel: zapcore.DebugLevel,
+		LogLevel: zapcore.DebugLevel, UsageInterval: 30 * time.Second, UsageMaxPending: 10,
 	}
 	if d := cmp.Diff(want, c); d != "" {
 		t.Fatalf("(-want +got):\n%s", d)
@@ -100,6 +102,8 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_SHUTDOWN_TIMEOUT":   "1ms",
 		"EXTAUTHZ_LOG_LEVEL":          "loud",
 		"EXTAUTHZ_REDIS_MODE":         "ring",
+		"EXTAUTHZ_USAGE_INTERVAL":     "1ms",
+		"EXTAUTHZ_USAGE_MAX_PENDING":  "none",
 		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
 	}
 	// Each alone fails, naming its setting.

@@ -40,7 +40,7 @@ func startServer(t *testing.T, c *cli) *server {
 	t.Helper()
 	envm := map[string]string{
 		"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0",
-		"EXTAUTHZ_LOG_LEVEL": "debug",
+		"EXTAUTHZ_LOG_LEVEL": "debug", "EXTAUTHZ_USAGE_INTERVAL": "1h",
 	}
 	for k, v := range c.env {
 		envm[k] = v
@@ -165,6 +165,16 @@ func TestServeEndToEnd(t *testing.T) {
 
 			if code := srv.stop(); code != 0 {
 				t.Fatalf("SIGTERM: exit %d", code)
+			}
+			// Usage is written at shutdown (the interval is an hour here).
+			used := map[string]map[string]any{}
+			for _, l := range c.ok("", "keys", "list") {
+				used[l["id"].(string)] = l
+			}
+			for _, id := range []string{k["id"].(string), late["id"].(string)} {
+				if n, _ := used[id]["request_count"].(float64); n < 1 || used[id]["last_used_at"] == nil {
+					t.Errorf("key %s after shutdown: request_count %v, last_used_at %v", id, used[id]["request_count"], used[id]["last_used_at"])
+				}
 			}
 			logs := srv.log.String()
 			for _, secret := range []string{k["secret_key"].(string), gone["credential"].(string), late["credential"].(string)} {

@@ -31,7 +31,7 @@ func (l lagObserver) Observe(source string, d time.Duration) {
 
 // newMetrics builds a registry (no global state) with the check metrics,
 // the lookup chain's counters, and the Go runtime and process collectors.
-func newMetrics(a *tokens.Authenticator) (*prometheus.Registry, *checkObserver, lagObserver) {
+func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder) (*prometheus.Registry, *checkObserver, lagObserver) {
 	reg := prometheus.NewRegistry()
 	checks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "extauthz_checks_total",
@@ -79,6 +79,12 @@ func newMetrics(a *tokens.Authenticator) (*prometheus.Registry, *checkObserver, 
 	counter("extauthz_shared_cache_errors_total", "Shared-tier calls that failed (checks went on without it).", st.SharedErrors.Load)
 	counter("extauthz_shared_cache_skipped_total", "Shared-tier calls skipped because it failed within the last second.", st.SharedSkipped.Load)
 	counter("extauthz_lookups_uncached_total", "Lookups not cached because an invalidation overlapped them.", st.Uncached.Load)
+	counter("extauthz_usage_keys_written_total", "Per-key usage rows written (last_used_at, request_count).", u.Written)
+	counter("extauthz_usage_write_failures_total", "Usage batch writes that failed (kept for the next write).", u.Failed)
+	counter("extauthz_usage_dropped_total", "Requests not counted because EXTAUTHZ_USAGE_MAX_PENDING keys were pending.", u.Dropped)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "extauthz_usage_pending_keys", Help: "Keys with usage not yet written.",
+	}, func() float64 { return float64(u.Pending()) }))
 	lag := prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "extauthz_invalidation_lag_seconds",
 		Help:    "Time from a key change (revoke, delete, update) to this replica applying it, by path (postgres, redis, file).",

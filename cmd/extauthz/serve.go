@@ -62,6 +62,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		MaxStale: cfg.MaxStale, StoreTimeout: cfg.StoreTimeout, Logger: log.Named("tokens"),
 	}
 	var bus *rediscache.Bus
+	uopts := tokens.UsageOptions{Interval: cfg.UsageInterval, MaxPending: cfg.UsageMaxPending, Logger: log.Named("usage")}
 	if cfg.RedisURL != "" {
 		rdb, err := rediscache.NewClient(cfg.RedisURL, cfg.RedisMode)
 		if err != nil {
@@ -70,9 +71,11 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		defer rdb.Close()
 		topts.Shared = rediscache.New(rdb, cfg.RedisPrefix)
 		bus = rediscache.NewBus(rdb, cfg.RedisPrefix)
+		uopts.Gate = rediscache.NewUsageGate(rdb, cfg.RedisPrefix)
 	}
+	usage := tokens.NewUsageRecorder(store, uopts)
 	auth := tokens.NewAuthenticator(hasher, store, topts)
-	reg, observer, lag := newMetrics(auth)
+	reg, observer, lag := newMetrics(auth, usage)
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,
@@ -80,6 +83,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		Realm:           cfg.Realm,
 		Logger:          log.Named("authz"),
 		Observer:        observer,
+		Usage:           usage,
 	})
 	health := authz.NewHealth()
 
@@ -153,6 +157,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		})
 	}
 	bg.Go(func() { watchReadiness(bgCtx, store, health, log) })
+	// Its final write happens when bgCtx ends: after the drain, so that
+	// every check that finished is counted.
+	bg.Go(func() { usage.Run(bgCtx, cfg.ShutdownTimeout) })
 
 	log.Info("serving",
 		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
@@ -190,7 +197,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	adminSrv.Shutdown(shutCtx)
 	stopBG()
 	bg.Wait()
-	log.Info("stopped")
+	log.Info("stopped", zap.Uint64("usage_keys_written", usage.Written()), zap.Int("usage_keys_unwritten", usage.Pending()))
 	return runErr
 }
 

@@ -118,6 +118,13 @@ type Options struct {
 	Realm           string // of www-authenticate; default "extauthz"
 	Logger          *zap.Logger
 	Observer        Observer // nil: none
+	Usage           Usage    // nil: usage is not recorded
+}
+
+// Usage records that a key was used; *tokens.UsageRecorder is one. It must
+// not block.
+type Usage interface {
+	Record(keyID string)
 }
 
 // Service decides checks. It is safe for concurrent use.
@@ -181,6 +188,10 @@ func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
 	default:
 		d.Reason = Unavailable
 		return d, err
+	}
+	// The secret verified on an active key: that is a use, allowed or not.
+	if s.opts.Usage != nil {
+		s.opts.Usage.Record(res.Principal.KeyID)
 	}
 	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(res.Principal, req.Scopes) {
 		d.Reason = InsufficientScope

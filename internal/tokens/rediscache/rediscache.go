@@ -194,6 +194,39 @@ func (c *Cache) Forget(ctx context.Context, keyIDs []string) error {
 	return nil
 }
 
+// UsageGate lets one replica a key write its usage each interval: one
+// pipelined SET NX per key, under P u:<key id>.
+type UsageGate struct {
+	rdb    redis.UniversalClient
+	prefix string
+}
+
+var _ tokens.UsageGate = (*UsageGate)(nil)
+
+// NewUsageGate uses rdb with the given key prefix.
+func NewUsageGate(rdb redis.UniversalClient, prefix string) *UsageGate {
+	return &UsageGate{rdb: rdb, prefix: prefix}
+}
+
+// Claim implements tokens.UsageGate.
+func (g *UsageGate) Claim(ctx context.Context, keyIDs []string, interval time.Duration) ([]bool, error) {
+	cmds := make([]*redis.BoolCmd, len(keyIDs))
+	_, err := g.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, id := range keyIDs {
+			cmds[i] = p.SetNX(ctx, g.prefix+"u:"+id, 1, interval)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("rediscache: usage gate: %w", err)
+	}
+	won := make([]bool, len(keyIDs))
+	for i, c := range cmds {
+		won[i] = c.Val()
+	}
+	return won, nil
+}
+
 // Ping checks the connection.
 func (c *Cache) Ping(ctx context.Context) error { return c.rdb.Ping(ctx).Err() }
 

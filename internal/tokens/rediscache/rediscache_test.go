@@ -172,3 +172,18 @@ func TestNewClientModes(t *testing.T) {
 		t.Errorf("parse error %v must not echo the password", err)
 	}
 }
+
+func TestUsageGateOneWinnerPerInterval(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testsvc.NewRedis(t)
+	g := NewUsageGate(rdb, prefix)
+	ctx := ctx(t)
+	first, err := g.Claim(ctx, []string{"a", "b"}, time.Minute)
+	if err != nil || !first[0] || !first[1] {
+		t.Fatalf("first claim: %v %v", first, err)
+	}
+	second, err := g.Claim(ctx, []string{"a", "c"}, time.Minute)
+	if err != nil || second[0] || !second[1] {
+		t.Fatalf("second claim: %v %v, want a lost and c won", second, err)
+	}
+}

@@ -1,0 +1,217 @@
+package tokens
+
+import (
+	"context"
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// UsageWriter stores usage batches; every Store is one.
+type UsageWriter interface {
+	RecordUsage(ctx context.Context, usage []Usage) error
+}
+
+// UsageGate decides, across replicas, which of them writes a key's usage
+// this interval: Claim returns, per key, whether this replica won it.
+type UsageGate interface {
+	Claim(ctx context.Context, keyIDs []string, interval time.Duration) ([]bool, error)
+}
+
+// UsageOptions tune a UsageRecorder.
+type UsageOptions struct {
+	Interval   time.Duration // how often pending usage is written; default 1m
+	MaxPending int           // keys held between writes; more are dropped and counted. Default 100000
+	BatchSize  int           // keys per write; default 1000
+	Gate       UsageGate     // optional: at most one replica writes a key per interval
+	Now        func() time.Time
+	Logger     *zap.Logger
+}
+
+const usageShards = 16
+
+// UsageRecorder counts requests per key in memory and writes them in
+// batches, off the check's path. A check only increments a counter.
+type UsageRecorder struct {
+	w       UsageWriter
+	opts    UsageOptions
+	log     *zap.Logger
+	seed    maphash.Seed
+	shards  [usageShards]usageShard
+	pending atomic.Int64 // keys held, across shards
+	dropped atomic.Uint64
+	written atomic.Uint64
+	failed  atomic.Uint64
+	flushMu sync.Mutex // one flush at a time
+}
+
+type usageShard struct {
+	mu sync.Mutex
+	m  map[string]*usageCount
+}
+
+type usageCount struct {
+	n    int64
+	last time.Time
+}
+
+// NewUsageRecorder writes to w.
+func NewUsageRecorder(w UsageWriter, o UsageOptions) *UsageRecorder {
+	if o.Interval <= 0 {
+		o.Interval = time.Minute
+	}
+	if o.MaxPending <= 0 {
+		o.MaxPending = 100000
+	}
+	if o.BatchSize <= 0 {
+		o.BatchSize = 1000
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	r := &UsageRecorder{w: w, opts: o, log: o.Logger, seed: maphash.MakeSeed()}
+	for i := range r.shards {
+		r.shards[i].m = map[string]*usageCount{}
+	}
+	return r
+}
+
+// Record counts one request of a key. It never blocks on I/O; over
+// MaxPending keys, a new key's request is dropped and counted.
+func (r *UsageRecorder) Record(keyID string) {
+	s := &r.shards[maphash.String(r.seed, keyID)%usageShards]
+	now := r.opts.Now()
+	s.mu.Lock()
+	if c := s.m[keyID]; c != nil {
+		c.n++
+		c.last = now
+		s.mu.Unlock()
+		return
+	}
+	if r.pending.Load() >= int64(r.opts.MaxPending) {
+		s.mu.Unlock()
+		r.dropped.Add(1)
+		return
+	}
+	s.m[keyID] = &usageCount{n: 1, last: now}
+	r.pending.Add(1)
+	s.mu.Unlock()
+}
+
+// Dropped counts requests not recorded because MaxPending was reached.
+func (r *UsageRecorder) Dropped() uint64 { return r.dropped.Load() }
+
+// Written counts keys written.
+func (r *UsageRecorder) Written() uint64 { return r.written.Load() }
+
+// Failed counts failed writes (their usage is kept for the next one).
+func (r *UsageRecorder) Failed() uint64 { return r.failed.Load() }
+
+// Pending is the number of keys held.
+func (r *UsageRecorder) Pending() int { return int(r.pending.Load()) }
+
+// Run writes pending usage every Interval until ctx ends, then writes what
+// is left, with the gate bypassed, under finalTimeout.
+func (r *UsageRecorder) Run(ctx context.Context, finalTimeout time.Duration) {
+	t := time.NewTicker(r.opts.Interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			fctx, cancel := context.WithTimeout(context.Background(), finalTimeout)
+			defer cancel()
+			if err := r.Flush(fctx, true); err != nil {
+				r.log.Error("usage not written at shutdown", zap.Error(err), zap.Int("keys", r.Pending()))
+			}
+			return
+		case <-t.C:
+			if err := r.Flush(ctx, false); err != nil {
+				r.log.Warn("usage write failed; kept for the next one", zap.Error(err), zap.Int("keys", r.Pending()))
+			}
+		}
+	}
+}
+
+// take removes and returns everything pending.
+func (r *UsageRecorder) take() []Usage {
+	var out []Usage
+	for i := range r.shards {
+		s := &r.shards[i]
+		s.mu.Lock()
+		for id, c := range s.m {
+			out = append(out, Usage{KeyID: id, LastUsed: c.last, Requests: c.n})
+		}
+		r.pending.Add(-int64(len(s.m)))
+		s.m = make(map[string]*usageCount, len(s.m))
+		s.mu.Unlock()
+	}
+	return out
+}
+
+// putBack merges usage that was not written back into pending.
+func (r *UsageRecorder) putBack(us []Usage) {
+	for _, u := range us {
+		s := &r.shards[maphash.String(r.seed, u.KeyID)%usageShards]
+		s.mu.Lock()
+		if c := s.m[u.KeyID]; c != nil {
+			c.n += u.Requests
+			if u.LastUsed.After(c.last) {
+				c.last = u.LastUsed
+			}
+		} else {
+			s.m[u.KeyID] = &usageCount{n: u.Requests, last: u.LastUsed}
+			r.pending.Add(1)
+		}
+		s.mu.Unlock()
+	}
+}
+
+// Flush writes pending usage in batches. Without final, keys another
+// replica claimed this interval wait for the next one. What cannot be
+// written is kept.
+func (r *UsageRecorder) Flush(ctx context.Context, final bool) error {
+	r.flushMu.Lock()
+	defer r.flushMu.Unlock()
+	all := r.take()
+	if len(all) == 0 {
+		return nil
+	}
+	if !final && r.opts.Gate != nil {
+		ids := make([]string, len(all))
+		for i, u := range all {
+			ids[i] = u.KeyID
+		}
+		won, err := r.opts.Gate.Claim(ctx, ids, r.opts.Interval)
+		if err != nil {
+			// Without the gate, write: a duplicate write is cheaper than lost usage.
+			r.log.Warn("usage gate unavailable; writing without it", zap.Error(err))
+		} else {
+			var mine, later []Usage
+			for i, u := range all {
+				if won[i] {
+					mine = append(mine, u)
+				} else {
+					later = append(later, u)
+				}
+			}
+			r.putBack(later)
+			all = mine
+		}
+	}
+	for start := 0; start < len(all); start += r.opts.BatchSize {
+		batch := all[start:min(start+r.opts.BatchSize, len(all))]
+		if err := r.w.RecordUsage(ctx, batch); err != nil {
+			r.failed.Add(1)
+			r.putBack(all[start:])
+			return err
+		}
+		r.written.Add(uint64(len(batch)))
+	}
+	return nil
+}

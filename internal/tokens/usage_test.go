@@ -1,0 +1,201 @@
+package tokens
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// usageSink is an in-memory UsageWriter.
+type usageSink struct {
+	mu      sync.Mutex
+	batches [][]Usage
+	fail    bool
+}
+
+func (s *usageSink) RecordUsage(_ context.Context, us []Usage) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fail {
+		return errors.New("store down")
+	}
+	s.batches = append(s.batches, append([]Usage(nil), us...))
+	return nil
+}
+
+func (s *usageSink) totals() map[string]int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := map[string]int64{}
+	for _, b := range s.batches {
+		for _, u := range b {
+			out[u.KeyID] += u.Requests
+		}
+	}
+	return out
+}
+
+func TestUsageAggregatesAndWritesInBatches(t *testing.T) {
+	t.Parallel()
+	clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
+	sink := &usageSink{}
+	r := NewUsageRecorder(sink, UsageOptions{BatchSize: 2, Now: clock.Now})
+	for i := range 5 {
+		clock.Add(time.Second)
+		r.Record("a")
+		r.Record(fmt.Sprint("k", i))
+	}
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(map[string]int64{"a": 5, "k0": 1, "k1": 1, "k2": 1, "k3": 1, "k4": 1}, sink.totals()); d != "" {
+		t.Fatalf("(-want +got):\n%s", d)
+	}
+	if len(sink.batches) != 3 {
+		t.Fatalf("%d batches for 6 keys of 2, want 3", len(sink.batches))
+	}
+	for _, b := range sink.batches {
+		for _, u := range b {
+			if u.KeyID == "a" && !u.LastUsed.Equal(clock.Now()) {
+				t.Errorf("last used %v, want the latest %v", u.LastUsed, clock.Now())
+			}
+		}
+	}
+	if r.Pending() != 0 || r.Written() != 6 {
+		t.Fatalf("pending %d written %d", r.Pending(), r.Written())
+	}
+}
+
+func TestUsageBoundedMemory(t *testing.T) {
+	t.Parallel()
+	r := NewUsageRecorder(&usageSink{}, UsageOptions{MaxPending: 3})
+	for i := range 10 {
+		r.Record(fmt.Sprint("k", i))
+	}
+	r.Record("k0") // known keys still count
+	if r.Pending() != 3 || r.Dropped() != 7 {
+		t.Fatalf("pending %d dropped %d, want 3 and 7", r.Pending(), r.Dropped())
+	}
+}
+
+func TestUsageKeptWhenWriteFails(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{fail: true}
+	r := NewUsageRecorder(sink, UsageOptions{})
+	r.Record("a")
+	r.Record("a")
+	if err := r.Flush(context.Background(), false); err == nil {
+		t.Fatal("flush to a failing store succeeded")
+	}
+	r.Record("a")
+	sink.fail = false
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if got := sink.totals()["a"]; got != 3 {
+		t.Fatalf("a = %d after a failed write, want 3 (nothing lost)", got)
+	}
+}
+
+// fakeGate lets this replica win only the keys in won.
+type fakeGate struct {
+	won map[string]bool
+	err error
+}
+
+func (g fakeGate) Claim(_ context.Context, ids []string, _ time.Duration) ([]bool, error) {
+	out := make([]bool, len(ids))
+	for i, id := range ids {
+		out[i] = g.won[id]
+	}
+	return out, g.err
+}
+
+func TestUsageGate(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{}
+	r := NewUsageRecorder(sink, UsageOptions{Gate: fakeGate{won: map[string]bool{"mine": true}}})
+	r.Record("mine")
+	r.Record("theirs")
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(map[string]int64{"mine": 1}, sink.totals()); d != "" {
+		t.Fatalf("gated flush (-want +got):\n%s", d)
+	}
+	if r.Pending() != 1 {
+		t.Fatalf("lost key not kept: pending %d", r.Pending())
+	}
+	r.Record("theirs")
+	// The final flush at shutdown writes everything, gate or not.
+	if err := r.Flush(context.Background(), true); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(map[string]int64{"mine": 1, "theirs": 2}, sink.totals()); d != "" {
+		t.Fatalf("final flush (-want +got):\n%s", d)
+	}
+	// A gate that fails: write anyway.
+	r2 := NewUsageRecorder(sink, UsageOptions{Gate: fakeGate{err: errors.New("redis down")}})
+	r2.Record("x")
+	if err := r2.Flush(context.Background(), false); err != nil || sink.totals()["x"] != 1 {
+		t.Fatalf("gate down: %v, x=%d", err, sink.totals()["x"])
+	}
+}
+
+func TestUsageRunFlushesOnStop(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{}
+	r := NewUsageRecorder(sink, UsageOptions{Interval: time.Hour})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.Run(ctx, time.Second); close(done) }()
+	r.Record("a")
+	cancel()
+	<-done
+	if sink.totals()["a"] != 1 {
+		t.Fatal("pending usage not written when Run stopped")
+	}
+}
+
+func TestUsageConcurrent(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{}
+	r := NewUsageRecorder(sink, UsageOptions{})
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i := range 1000 {
+				r.Record(fmt.Sprint("k", (g+i)%10))
+				if i%250 == 0 {
+					r.Flush(context.Background(), false)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	r.Flush(context.Background(), false)
+	var total int64
+	keys := []string{}
+	for k, n := range sink.totals() {
+		total += n
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	if total != 8000 || len(keys) != 10 {
+		t.Fatalf("total %d over %d keys, want 8000 over 10", total, len(keys))
+	}
+}
+
+func BenchmarkUsageRecord(b *testing.B) {
+	r := NewUsageRecorder(&usageSink{}, UsageOptions{})
+	b.ReportAllocs()
+	for b.Loop() {
+		r.Record("3f6c1a52-9b1e-4d7a-8f0e-2c4b6d8e0a1b")
+	}
+}
