@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -66,6 +67,16 @@ type Authenticator struct {
 	// delete, lookups re-check it after they write.
 	invalidations atomic.Uint64
 	sharedDown    atomic.Int64 // unix nanoseconds until which the shared tier is skipped
+
+	// Tombstones: for a short while after a key is invalidated, shared
+	// entries of it are ignored. Another replica that read the store just
+	// before the change may still write the old decision to the shared tier
+	// (it deletes it again once it hears of the change); in between, this
+	// replica must not pick it up and keep it for a whole TTL.
+	tombMu     sync.Mutex
+	tombs      map[string]int64 // key id -> unix nanoseconds
+	tombAll    atomic.Int64     // every key, after InvalidateAll
+	tombWindow time.Duration
 }
 
 // NewAuthenticator wires the lookup chain.
@@ -94,7 +105,11 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
-	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger}
+	// A stale shared write can only be made within one store lookup and
+	// one shared write of the change; the window covers that generously.
+	window := max(2*time.Second, 4*(o.StoreTimeout+o.SharedTimeout))
+	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,
+		tombs: map[string]int64{}, tombWindow: window}
 }
 
 // Stats exposes the counters.
@@ -176,7 +191,7 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 	seq := a.invalidations.Load()
 	now := a.opts.Now()
 	var staleShared *SharedEntry
-	if e := a.sharedGet(ctx, k, now); e != nil {
+	if e := a.sharedGet(ctx, k, now); e != nil && !a.tombstoned(e.KeyID, now) {
 		if now.Before(e.FreshUntil) {
 			d := e.decision()
 			a.keep(k, d, e.FreshUntil.UnixNano(), e.StaleUntil.UnixNano(), seq, false)
@@ -335,11 +350,43 @@ func (a *Authenticator) deadlines(d *decision, now time.Time) (fresh, stale int6
 	return fresh, stale
 }
 
+// tombstoned reports whether shared entries of keyID are being ignored.
+func (a *Authenticator) tombstoned(keyID string, now time.Time) bool {
+	t := now.UnixNano()
+	if t < a.tombAll.Load() {
+		return true
+	}
+	if keyID == "" {
+		return false
+	}
+	a.tombMu.Lock()
+	defer a.tombMu.Unlock()
+	return t < a.tombs[keyID]
+}
+
+func (a *Authenticator) bury(ids []string) {
+	now := a.opts.Now().UnixNano()
+	until := now + int64(a.tombWindow)
+	a.tombMu.Lock()
+	defer a.tombMu.Unlock()
+	if len(a.tombs) > 1024 {
+		for id, t := range a.tombs {
+			if t <= now {
+				delete(a.tombs, id)
+			}
+		}
+	}
+	for _, id := range ids {
+		a.tombs[id] = until
+	}
+}
+
 // InvalidateKeys drops every cached decision of these key ids.
 func (a *Authenticator) InvalidateKeys(ids ...string) int {
 	if len(ids) == 0 {
 		return 0
 	}
+	a.bury(ids)
 	a.invalidations.Add(1)
 	set := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
@@ -364,6 +411,7 @@ func (a *Authenticator) InvalidateTenant(tenant string) int {
 // InvalidateAll empties the cache: for a store that can no longer tell
 // what changed.
 func (a *Authenticator) InvalidateAll() int {
+	a.tombAll.Store(a.opts.Now().Add(a.tombWindow).UnixNano())
 	a.invalidations.Add(1)
 	n := a.cache.dropWhere(func(*decision) bool { return true })
 	a.stats.Invalidated.Add(uint64(n))

@@ -191,3 +191,32 @@ func TestInvalidationDuringLookupIsNotCached(t *testing.T) {
 		t.Fatalf("next check: %v, want ErrRevoked", err)
 	}
 }
+
+// Replica B read the store just before a revocation and writes the old
+// allow to the shared tier after replica A applied the change. A must not
+// pick it up: it asks the store, which says revoked.
+func TestLateSharedWriteFromAnotherReplicaIsIgnored(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	f := newFixture(t, Options{Shared: shared, TTL: time.Hour})
+	f.addPair("k1", "acme")
+	cred := mustParse(t, testPair)
+	f.store.update(func() { f.store.byPublic[testPublic].RevokedAt = f.clock.Now() })
+	f.a.Apply(context.Background(), Change{KeyIDs: []string{"k1"}})
+
+	now := f.clock.Now()
+	stale := &SharedEntry{Outcome: OutcomeAllow, KeyID: "k1", TenantID: "acme", FreshUntil: now.Add(time.Hour), StaleUntil: now.Add(time.Hour)}
+	if err := shared.Set(context.Background(), f.h.Digest(testPair), stale); err != nil {
+		t.Fatal(err)
+	}
+	<-shared.sets
+	if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("err = %v, want ErrRevoked from the store, not the late shared allow", err)
+	}
+	// Once the window has passed, shared entries of the key are used again
+	// (by then the writer has deleted its late write).
+	f.clock.Add(f.a.tombWindow + time.Second)
+	if f.a.tombstoned("k1", f.clock.Now()) {
+		t.Fatal("tombstone outlived its window")
+	}
+}
