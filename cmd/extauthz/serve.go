@@ -55,7 +55,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	if err != nil {
 		return err
 	}
-	defer store.Close()
+	defer closeBounded(store, 2*time.Second, log)
 
 	topts := tokens.Options{
 		CacheSize: cfg.CacheSize, TTL: cfg.CacheTTL, NegativeTTL: cfg.NegativeTTL,
@@ -199,6 +199,19 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	bg.Wait()
 	log.Info("stopped", zap.Uint64("usage_keys_written", usage.Written()), zap.Int("usage_keys_unwritten", usage.Pending()))
 	return runErr
+}
+
+// closeBounded closes the store but does not wait on it for long: after a
+// store outage, pgx may hold closed connections for up to 15s while it
+// tries to send cancel requests to an unresponsive server.
+func closeBounded(store tokens.Store, bound time.Duration, log *zap.Logger) {
+	done := make(chan struct{})
+	go func() { store.Close(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(bound):
+		log.Warn("key store connections still closing; exiting without them", zap.Duration("waited", bound))
+	}
 }
 
 // watchReadiness pings the store: not ready before the first success;

@@ -10,11 +10,12 @@ import (
 // Proxy forwards TCP connections to a target and can cut them all and
 // refuse new ones, to simulate an outage of the server behind it.
 type Proxy struct {
-	target string
-	lis    net.Listener
-	mu     sync.Mutex
-	down   bool
-	conns  map[net.Conn]struct{}
+	target  string
+	lis     net.Listener
+	mu      sync.Mutex
+	down    bool
+	stalled bool // accept, then hold connections without forwarding
+	conns   map[net.Conn]struct{}
 }
 
 // NewProxy listens on a loopback port and forwards to target until the
@@ -45,11 +46,26 @@ func (p *Proxy) Cut() {
 	}
 }
 
-// Restore accepts connections again.
+// Stall closes every connection and then accepts new ones without ever
+// forwarding a byte: a black hole, which only deadlines get out of.
+func (p *Proxy) Stall() {
+	p.Cut()
+	p.mu.Lock()
+	p.down, p.stalled = false, true
+	p.mu.Unlock()
+}
+
+// Restore forwards connections again.
 func (p *Proxy) Restore() {
 	p.mu.Lock()
-	p.down = false
+	p.down, p.stalled = false, false
 	p.mu.Unlock()
+}
+
+func (p *Proxy) isStalled() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stalled
 }
 
 func (p *Proxy) track(cs ...net.Conn) bool {
@@ -69,6 +85,10 @@ func (p *Proxy) serve() {
 		in, err := p.lis.Accept()
 		if err != nil {
 			return
+		}
+		if p.isStalled() {
+			p.track(in)
+			continue
 		}
 		out, err := net.Dial("tcp", p.target)
 		if err != nil || !p.track(in, out) {

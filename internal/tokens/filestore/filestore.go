@@ -73,7 +73,7 @@ func Open(path string, o Options) (*Store, error) {
 	}
 	s := &Store{path: path, lockPath: path + ".lock", opts: o, log: o.Logger}
 	s.snap.Store(newSnapshot(stamp{}, nil))
-	if _, err := s.refresh(); err != nil {
+	if err := s.refresh(); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -97,32 +97,29 @@ func statOf(path string) (stamp, error) {
 	return st, nil
 }
 
-// refresh reloads the file if it changed, and returns the snapshot before
-// the reload (nil if nothing changed). On a read or parse failure the last
-// good snapshot stays in use and the error is reported by Ping.
-func (s *Store) refresh() (*snapshot, error) {
+// refresh reloads the file if it changed. On a read or parse failure the
+// last good snapshot stays in use and the error is reported by Ping.
+func (s *Store) refresh() error {
 	st, err := statOf(s.path)
 	if err == nil && st == s.snap.Load().stamp {
-		return nil, nil
+		return nil
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.reloadLocked()
 }
 
-func (s *Store) reloadLocked() (*snapshot, error) {
-	old := s.snap.Load()
+func (s *Store) reloadLocked() error {
 	st, keys, err := readFile(s.path)
 	if err != nil {
 		s.loadErr.Store(&err)
-		return nil, err
+		return err
 	}
 	s.loadErr.Store(nil)
-	if st == old.stamp {
-		return nil, nil
+	if st != s.snap.Load().stamp {
+		s.snap.Store(newSnapshot(st, keys))
 	}
-	s.snap.Store(newSnapshot(st, keys))
-	return old, nil
+	return nil
 }
 
 func newSnapshot(st stamp, keys []*tokens.Key) *snapshot {
@@ -142,7 +139,7 @@ func newSnapshot(st stamp, keys []*tokens.Key) *snapshot {
 // current returns an up-to-date snapshot: one stat per call, which keeps a
 // short-lived CLI process and a miss in the server consistent with disk.
 func (s *Store) current() *snapshot {
-	if _, err := s.refresh(); err != nil {
+	if err := s.refresh(); err != nil {
 		s.log.Warn("key file unreadable; serving the last good copy", zap.String("path", s.path), zap.Error(err))
 	}
 	return s.snap.Load()
@@ -294,25 +291,28 @@ func (s *Store) RecordUsage(_ context.Context, usage []tokens.Usage) error {
 	})
 }
 
-// Watch polls the file and reports what changed, until ctx ends.
+// Watch polls the file and reports what changed, until ctx ends. It diffs
+// against the snapshot it last reported, whoever reloaded the file since:
+// lookups reload too, and must not swallow a change.
 func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
 	t := time.NewTicker(s.opts.PollInterval)
 	defer t.Stop()
+	seen := s.snap.Load()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-t.C:
 		}
-		old, err := s.refresh()
-		if err != nil {
+		if err := s.refresh(); err != nil {
 			s.log.Warn("key file unreadable; serving the last good copy", zap.String("path", s.path), zap.Error(err))
 			continue
 		}
-		if old != nil {
-			if c, ok := diff(old, s.snap.Load()); ok {
+		if cur := s.snap.Load(); cur != seen {
+			if c, ok := diff(seen, cur); ok {
 				fn(c)
 			}
+			seen = cur
 		}
 	}
 }
@@ -375,8 +375,7 @@ func (s *Store) update(fn func([]*tokens.Key) ([]*tokens.Key, error)) error {
 	if err := writeFile(s.path, keys); err != nil {
 		return err
 	}
-	_, err = s.reloadLocked()
-	return err
+	return s.reloadLocked()
 }
 
 // On-disk form.

@@ -96,3 +96,43 @@ func TestRejectsUnknownVersionAndFields(t *testing.T) {
 		t.Errorf("missing file: %v, want an empty store", err)
 	}
 }
+
+// A lookup that reloads the file before the watcher's tick must not
+// swallow the change: the watcher still reports it.
+func TestLookupReloadDoesNotSwallowChange(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "keys.json")
+	server := open(t, path)
+	cli := open(t, path)
+	ctx := context.Background()
+	k := storetest.NewKey(t, "acme", tokens.KindPair)
+	if err := cli.Create(ctx, k); err != nil {
+		t.Fatal(err)
+	}
+	server.opts.PollInterval = 300 * time.Millisecond
+	changes := make(chan tokens.Change, 10)
+	wctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go server.Watch(wctx, func(c tokens.Change) { changes <- c })
+	time.Sleep(50 * time.Millisecond)
+	if err := cli.Revoke(ctx, k.ID, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	// The server's next lookup reloads the file before the watcher ticks.
+	got, err := server.KeyByPublic(ctx, k.PublicKey)
+	if err != nil || got.RevokedAt.IsZero() {
+		t.Fatalf("lookup: %v %v", got, err)
+	}
+	for {
+		select {
+		case c := <-changes:
+			for _, id := range c.KeyIDs {
+				if id == k.ID {
+					return
+				}
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatal("the revocation was never reported")
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"go.uber.org/zap"
 
@@ -39,6 +40,18 @@ func Open(ctx context.Context, dsn string, log *zap.Logger) (*Store, error) {
 		return nil, errors.New("pgstore: cannot parse the postgres connection string")
 	}
 	cfg.ConnConfig.RuntimeParams["application_name"] = "extauthz"
+	// On a cancelled query, drop the connection (a socket deadline) rather
+	// than pgx's default of dialling the server again to send a
+	// CancelRequest: for one-row indexed lookups that buys nothing, and
+	// against an unresponsive server each cancel would linger for 15s.
+	cfg.ConnConfig.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.DeadlineContextWatcherHandler{Conn: c.Conn()}
+	}
+	if cfg.ConnConfig.ConnectTimeout == 0 {
+		// A handshake that never completes must not hold a pool slot forever
+		// (connect_timeout in the DSN overrides this).
+		cfg.ConnConfig.ConnectTimeout = 2 * time.Second
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: %w", err)
