@@ -317,8 +317,9 @@ func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
 	}
 }
 
-// diff names the keys whose decisions a reload may have changed. Usage
-// fields are not compared: they change on every flush and decide nothing.
+// diff names the keys whose decisions may differ between two snapshots:
+// changed, deleted and new ones. Usage fields are not compared: they change
+// on every flush and decide nothing.
 func diff(old, cur *snapshot) (tokens.Change, bool) {
 	var c tokens.Change
 	for id, o := range old.byID {
@@ -329,8 +330,10 @@ func diff(old, cur *snapshot) (tokens.Change, bool) {
 	}
 	for id := range cur.byID {
 		if old.byID[id] == nil {
+			// New since the last report, but a lookup may have cached it
+			// from a snapshot in between, before a later change: name it.
 			c.Added = true
-			break
+			c.KeyIDs = append(c.KeyIDs, id)
 		}
 	}
 	c.Source, c.SentAt = "file", cur.stamp.mtime
