@@ -69,9 +69,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 			return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
 		}
 		defer rdb.Close()
-		topts.Shared = rediscache.New(rdb, cfg.RedisPrefix)
+		shared := rediscache.New(rdb, cfg.RedisPrefix)
+		topts.Shared, uopts.Gate = shared, shared
 		bus = rediscache.NewBus(rdb, cfg.RedisPrefix)
-		uopts.Gate = rediscache.NewUsageGate(rdb, cfg.RedisPrefix)
 	}
 	usage := tokens.NewUsageRecorder(store, uopts)
 	auth := tokens.NewAuthenticator(hasher, store, topts)

@@ -21,11 +21,13 @@ import (
 const DefaultDSN = "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
 
 // AdminDSN is the connection string tests create databases through.
-func AdminDSN() string {
-	if v := os.Getenv("EXTAUTHZ_TEST_POSTGRES"); v != "" {
+func AdminDSN() string { return envOr("EXTAUTHZ_TEST_POSTGRES", DefaultDSN) }
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
 		return v
 	}
-	return DefaultDSN
+	return def
 }
 
 // Unavailable fails the test in CI and skips it elsewhere.

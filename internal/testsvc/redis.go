@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"os"
 	"testing"
 	"time"
 
@@ -15,12 +14,7 @@ import (
 const DefaultRedisURL = "redis://127.0.0.1:6379/0"
 
 // RedisURL is the server tests use.
-func RedisURL() string {
-	if v := os.Getenv("EXTAUTHZ_TEST_REDIS"); v != "" {
-		return v
-	}
-	return DefaultRedisURL
-}
+func RedisURL() string { return envOr("EXTAUTHZ_TEST_REDIS", DefaultRedisURL) }
 
 // NewRedis returns a client and a key prefix of this test's own; every key
 // under the prefix is deleted when the test ends.

@@ -74,13 +74,16 @@ func scrub(err error, rawURL string) error {
 	return fmt.Errorf("cannot parse the redis URL (%d characters): %v", len(rawURL), err)
 }
 
-// Cache is the shared decision tier.
+// Cache is the shared decision tier, and the replicas' usage-write gate.
 type Cache struct {
 	rdb    redis.UniversalClient
 	prefix string
 }
 
-var _ tokens.SharedCache = (*Cache)(nil)
+var (
+	_ tokens.SharedCache = (*Cache)(nil)
+	_ tokens.UsageGate   = (*Cache)(nil)
+)
 
 // New uses rdb with the given key prefix.
 func New(rdb redis.UniversalClient, prefix string) *Cache {
@@ -194,26 +197,13 @@ func (c *Cache) Forget(ctx context.Context, keyIDs []string) error {
 	return nil
 }
 
-// UsageGate lets one replica a key write its usage each interval: one
-// pipelined SET NX per key, under P u:<key id>.
-type UsageGate struct {
-	rdb    redis.UniversalClient
-	prefix string
-}
-
-var _ tokens.UsageGate = (*UsageGate)(nil)
-
-// NewUsageGate uses rdb with the given key prefix.
-func NewUsageGate(rdb redis.UniversalClient, prefix string) *UsageGate {
-	return &UsageGate{rdb: rdb, prefix: prefix}
-}
-
-// Claim implements tokens.UsageGate.
-func (g *UsageGate) Claim(ctx context.Context, keyIDs []string, interval time.Duration) ([]bool, error) {
+// Claim implements tokens.UsageGate: one replica a key writes its usage
+// each interval, decided by one pipelined SET NX per key under P u:<key id>.
+func (c *Cache) Claim(ctx context.Context, keyIDs []string, interval time.Duration) ([]bool, error) {
 	cmds := make([]*redis.BoolCmd, len(keyIDs))
-	_, err := g.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+	_, err := c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		for i, id := range keyIDs {
-			cmds[i] = p.SetNX(ctx, g.prefix+"u:"+id, 1, interval)
+			cmds[i] = p.SetNX(ctx, c.prefix+"u:"+id, 1, interval)
 		}
 		return nil
 	})
@@ -221,8 +211,8 @@ func (g *UsageGate) Claim(ctx context.Context, keyIDs []string, interval time.Du
 		return nil, fmt.Errorf("rediscache: usage gate: %w", err)
 	}
 	won := make([]bool, len(keyIDs))
-	for i, c := range cmds {
-		won[i] = c.Val()
+	for i, cmd := range cmds {
+		won[i] = cmd.Val()
 	}
 	return won, nil
 }

@@ -176,7 +176,7 @@ func TestNewClientModes(t *testing.T) {
 func TestUsageGateOneWinnerPerInterval(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := testsvc.NewRedis(t)
-	g := NewUsageGate(rdb, prefix)
+	g := New(rdb, prefix)
 	ctx := ctx(t)
 	first, err := g.Claim(ctx, []string{"a", "b"}, time.Minute)
 	if err != nil || !first[0] || !first[1] {
