@@ -140,6 +140,17 @@ func TestServeEndToEnd(t *testing.T) {
 			if !allowed(k["credential"].(string)) || !allowed(gone["credential"].(string)) {
 				t.Fatal("fresh keys denied")
 			}
+			// The same decision over HTTP check mode.
+			req, _ := http.NewRequest("GET", "http://"+srv.addrs.HTTP+"/check/v1/orders", nil)
+			req.Header.Set("authorization", "Bearer "+k["credential"].(string))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 200 || resp.Header.Get("x-tenant-id") != "acme" {
+				t.Fatalf("http check: %d tenant %q", resp.StatusCode, resp.Header.Get("x-tenant-id"))
+			}
 			// A key created after the server started works at once.
 			late := c.ok("", "keys", "create", "--tenant", "beta")[0]
 			eventually(t, "new key", func() bool { return allowed(late["credential"].(string)) })

@@ -109,7 +109,12 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
-	httpSrv := &http.Server{Handler: health.HTTPHandler(nil), ReadHeaderTimeout: 5 * time.Second, IdleTimeout: 2 * time.Minute}
+	httpSrv := &http.Server{
+		Handler:           health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)),
+		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
 	adminMux := http.NewServeMux()
 	adminMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	adminMux.Handle("/", health.HTTPHandler(nil))
@@ -163,7 +168,8 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 
 	log.Info("serving",
 		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
-		zap.String("admin", adminLis.Addr().String()), zap.Strings("credential_sources", cfg.CredentialSources))
+		zap.String("admin", adminLis.Addr().String()), zap.String("http_check_prefix", cfg.HTTPPrefix),
+		zap.Strings("credential_sources", cfg.CredentialSources))
 	if e.ready != nil {
 		e.ready(boundAddrs{GRPC: grpcLis.Addr().String(), HTTP: httpLis.Addr().String(), Admin: adminLis.Addr().String()})
 	}
