@@ -1,0 +1,188 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
+	"sigs.k8s.io/yaml"
+
+	// Every typed_config the shipped configs use must resolve.
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	extauthzv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/ext_authz/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+
+	"github.com/extauthz/extauthz/internal/authz"
+)
+
+// repoFile reads a file relative to the repository root.
+func repoFile(t *testing.T, rel string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", rel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+type validator interface{ ValidateAll() error }
+
+// validateDeep runs the protoc-gen-validate rules on m and, since those stop
+// at an Any, on every message packed in an Any inside it.
+func validateDeep(t *testing.T, where string, m proto.Message) {
+	t.Helper()
+	if v, ok := m.(validator); ok {
+		if err := v.ValidateAll(); err != nil {
+			t.Errorf("%s: %v", where, err)
+		}
+	}
+	var walk func(path string, msg protoreflect.Message)
+	walk = func(path string, msg protoreflect.Message) {
+		if a, ok := msg.Interface().(*anypb.Any); ok {
+			inner, err := a.UnmarshalNew()
+			if err != nil {
+				t.Errorf("%s: %s: %v", where, path, err)
+				return
+			}
+			validateDeep(t, where+": "+path+"("+a.TypeUrl+")", inner)
+			return
+		}
+		msg.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+			p := path + "." + string(fd.Name())
+			switch {
+			case fd.IsList() && fd.Message() != nil:
+				for i := 0; i < v.List().Len(); i++ {
+					walk(p, v.List().Get(i).Message())
+				}
+			case fd.IsMap() && fd.MapValue().Message() != nil:
+				v.Map().Range(func(_ protoreflect.MapKey, mv protoreflect.Value) bool { walk(p, mv.Message()); return true })
+			case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
+				walk(p, v.Message())
+			}
+			return true
+		})
+	}
+	walk("", m.ProtoReflect())
+}
+
+// loadBootstrap parses an Envoy YAML config strictly: an unknown field or
+// type fails.
+func loadBootstrap(t *testing.T, rel string) *bootstrapv3.Bootstrap {
+	t.Helper()
+	j, err := yaml.YAMLToJSON(repoFile(t, rel))
+	if err != nil {
+		t.Fatalf("%s: %v", rel, err)
+	}
+	var b bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal(j, &b); err != nil {
+		t.Fatalf("%s: %v", rel, err)
+	}
+	validateDeep(t, rel, &b)
+	return &b
+}
+
+func TestEnvoyConfigsValidate(t *testing.T) {
+	t.Parallel()
+	for _, f := range []string{"envoy/envoy.yaml", "envoy/envoy-http.yaml"} {
+		t.Run(f, func(t *testing.T) {
+			b := loadBootstrap(t, f)
+			j, _ := protojson.Marshal(b)
+			s := string(j)
+			// What the product needs from the config, whatever else changes.
+			for _, want := range []string{
+				`"code":"ServiceUnavailable"`, `"timeout":"0.250s"`,
+				`"remove":"x-tenant-id"`, `"remove":"x-api-key-id"`, `"remove":"x-api-key-scopes"`,
+				`"disabled":true`,
+			} {
+				if !strings.Contains(strings.ReplaceAll(s, " ", ""), want) {
+					t.Errorf("%s lacks %s", f, want)
+				}
+			}
+			// Fail closed: an outage is a 503, never an allow.
+			if ea := extAuthzOf(t, b); ea.GetFailureModeAllow() || ea.GetStatusOnError().GetCode() != 503 {
+				t.Errorf("%s: failure_mode_allow %v, status_on_error %v; want fail-closed with 503", f, ea.GetFailureModeAllow(), ea.GetStatusOnError().GetCode())
+			}
+			// header_mutation must come before ext_authz, which must come before the router.
+			order := []string{"envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz", "envoy.filters.http.router"}
+			last := -1
+			for _, name := range order {
+				i := strings.Index(s, `"name":"`+name+`"`)
+				if i < 0 || i < last {
+					t.Errorf("%s: filter %s missing or out of order", f, name)
+				}
+				last = i
+			}
+		})
+	}
+	// gRPC mode: HTTP/2 to extauthz on the binary's default gRPC port, health
+	// checked on the readiness service; the admin route carries its scope.
+	s := mustJSON(t, loadBootstrap(t, "envoy/envoy.yaml"))
+	for _, want := range []string{
+		`"http2ProtocolOptions":{}`, `"serviceName":"` + authz.AuthorizationService + `"`,
+		`"portValue":` + portOf(t, defaultConfig().GRPCAddr), `"scopes":"admin"`, `"transportApiVersion":"V3"`,
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("envoy.yaml lacks %s", want)
+		}
+	}
+	// HTTP mode: the binary's default HTTP port and prefix, tenant headers copied upstream.
+	s = mustJSON(t, loadBootstrap(t, "envoy/envoy-http.yaml"))
+	for _, want := range []string{
+		`"pathPrefix":"` + defaultConfig().HTTPPrefix + `"`, `"portValue":` + portOf(t, defaultConfig().HTTPAddr),
+		`"exact":"x-tenant-id"`, `"exact":"www-authenticate"`, `"path":"/readyz"`,
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("envoy-http.yaml lacks %s", want)
+		}
+	}
+}
+
+// extAuthzOf returns the ext_authz filter config of the first listener.
+func extAuthzOf(t *testing.T, b *bootstrapv3.Bootstrap) *extauthzv3.ExtAuthz {
+	t.Helper()
+	for _, l := range b.GetStaticResources().GetListeners() {
+		for _, fc := range l.GetFilterChains() {
+			for _, f := range fc.GetFilters() {
+				var hcm hcmv3.HttpConnectionManager
+				if err := f.GetTypedConfig().UnmarshalTo(&hcm); err != nil {
+					continue
+				}
+				for _, hf := range hcm.GetHttpFilters() {
+					var ea extauthzv3.ExtAuthz
+					if hf.GetTypedConfig().UnmarshalTo(&ea) == nil {
+						return &ea
+					}
+				}
+			}
+		}
+	}
+	t.Fatal("no ext_authz filter")
+	return nil
+}
+
+func mustJSON(t *testing.T, m proto.Message) string {
+	t.Helper()
+	b, err := protojson.MarshalOptions{}.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.ReplaceAll(string(b), " ", "")
+}
+
+func portOf(t *testing.T, addr string) string {
+	t.Helper()
+	i := strings.LastIndexByte(addr, ':')
+	if i < 0 {
+		t.Fatalf("no port in %q", addr)
+	}
+	return addr[i+1:]
+}
