@@ -3,6 +3,7 @@ package main
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -185,4 +186,108 @@ func portOf(t *testing.T, addr string) string {
 		t.Fatalf("no port in %q", addr)
 	}
 	return addr[i+1:]
+}
+
+// composeFile is the part of the Compose format envoy/compose.yaml uses;
+// decoding is strict, so a misspelt key fails.
+type composeFile struct {
+	Name     string            `json:"name"`
+	Env      map[string]string `json:"x-extauthz-env"`
+	Services map[string]struct {
+		Image       string                                `json:"image"`
+		Build       *struct{ Context, Dockerfile string } `json:"build"`
+		Command     []string                              `json:"command"`
+		Environment map[string]string                     `json:"environment"`
+		Ports       []string                              `json:"ports"`
+		Volumes     []string                              `json:"volumes"`
+		DependsOn   any                                   `json:"depends_on"`
+		Profiles    []string                              `json:"profiles"`
+		Healthcheck map[string]any                        `json:"healthcheck"`
+	} `json:"services"`
+}
+
+func TestComposeFile(t *testing.T) {
+	t.Parallel()
+	var cf composeFile
+	if err := yaml.UnmarshalStrict(repoFile(t, "envoy/compose.yaml"), &cf); err != nil {
+		t.Fatal(err)
+	}
+	for name, svc := range cf.Services {
+		if svc.Image == "" && svc.Build == nil {
+			t.Errorf("service %s: no image", name)
+		}
+		if tag := svc.Image[strings.LastIndexByte(svc.Image, ':')+1:]; !strings.Contains(svc.Image, ":") || strings.Contains(tag, "latest") {
+			t.Errorf("service %s: image %q is not pinned to a version", name, svc.Image)
+		}
+		if svc.Build != nil {
+			if _, err := os.Stat(filepath.Join("..", "..", "envoy", svc.Build.Context, svc.Build.Dockerfile)); err != nil {
+				t.Errorf("service %s: build: %v", name, err)
+			}
+		}
+		for _, v := range svc.Volumes {
+			src := strings.SplitN(v, ":", 2)[0]
+			if _, err := os.Stat(filepath.Join("..", "..", "envoy", src)); err != nil {
+				t.Errorf("service %s: volume %s: %v", name, v, err)
+			}
+		}
+	}
+	// extauthz's environment is a valid configuration of this binary.
+	ext, ok := cf.Services["extauthz"]
+	if !ok {
+		t.Fatal("no extauthz service")
+	}
+	for k := range ext.Environment {
+		if !known[strings.TrimPrefix(k, "EXTAUTHZ_")] {
+			t.Errorf("extauthz: %s is not a setting of this binary", k)
+		}
+	}
+	cfg, err := loadConfig(lookupMap(ext.Environment))
+	if err != nil {
+		t.Fatalf("extauthz environment: %v", err)
+	}
+	if cfg.StoreKind() != "postgres" || cfg.RedisURL == "" {
+		t.Errorf("compose extauthz should use Postgres and Redis: %v", cfg)
+	}
+	for _, addr := range []string{cfg.GRPCAddr, cfg.HTTPAddr, cfg.AdminAddr} {
+		p := portOf(t, addr)
+		if !slices.Contains(ext.Ports, p+":"+p) && !slices.ContainsFunc(ext.Ports, func(s string) bool { return strings.HasPrefix(s, p+":"+p) }) {
+			t.Errorf("extauthz port %s not published: %v", p, ext.Ports)
+		}
+	}
+	if m := cf.Services["migrate"]; !slices.Equal(m.Command, []string{"migrate"}) || m.Image != ext.Image {
+		t.Errorf("migrate service: %v", m)
+	}
+	// The Envoy configs' clusters point at these services.
+	for _, f := range []string{"envoy/envoy.yaml", "envoy/envoy-http.yaml"} {
+		s := mustJSON(t, loadBootstrap(t, f))
+		for _, svc := range []string{"extauthz", "echo"} {
+			if _, ok := cf.Services[svc]; !ok || !strings.Contains(s, `"address":"`+svc+`"`) {
+				t.Errorf("%s: cluster address %s is not a compose service", f, svc)
+			}
+		}
+		if !strings.Contains(s, `"portValue":`+cf.Services["echo"].Environment["HTTP_PORT"]) {
+			t.Errorf("%s: upstream port is not echo's HTTP_PORT", f)
+		}
+	}
+}
+
+func TestDockerfile(t *testing.T) {
+	t.Parallel()
+	d := string(repoFile(t, "Dockerfile"))
+	for _, want := range []string{
+		"CGO_ENABLED=0", "-trimpath", "./cmd/extauthz", "gcr.io/distroless/static", ":nonroot",
+		"USER 65532:65532", `ENTRYPOINT ["/extauthz"]`, "org.opencontainers.image.title",
+	} {
+		if !strings.Contains(d, want) {
+			t.Errorf("Dockerfile lacks %q", want)
+		}
+	}
+	if n := strings.Count(d, "\nFROM "); n != 2 {
+		t.Errorf("%d stages, want 2 (build, then the binary alone)", n)
+	}
+	for _, p := range []string{defaultConfig().GRPCAddr, defaultConfig().HTTPAddr, defaultConfig().AdminAddr} {
+		if !strings.Contains(d, "EXPOSE") || !strings.Contains(d, portOf(t, p)) {
+			t.Errorf("Dockerfile does not expose %s", p)
+		}
+	}
 }
