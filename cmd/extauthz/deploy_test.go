@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"slices"
@@ -12,6 +13,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/anypb"
+	k8sjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
 	// Every typed_config the shipped configs use must resolve.
@@ -39,6 +41,22 @@ type validator interface{ ValidateAll() error }
 
 // validateDeep runs the protoc-gen-validate rules on m and, since those stop
 // at an Any, on every message packed in an Any inside it.
+// decodeStrict decodes YAML the way the Kubernetes API server does:
+// case-sensitive field names, unknown and duplicate fields are errors.
+// (encoding/json, and so yaml.UnmarshalStrict, match names regardless of
+// case: "readOnlyRootFileSystem" would silently pass.)
+func decodeStrict(doc []byte, into any) error {
+	j, err := yaml.YAMLToJSON(doc)
+	if err != nil {
+		return err
+	}
+	strictErrs, err := k8sjson.UnmarshalStrict(j, into)
+	if err != nil {
+		return err
+	}
+	return errors.Join(strictErrs...)
+}
+
 func validateDeep(t *testing.T, where string, m proto.Message) {
 	t.Helper()
 	if v, ok := m.(validator); ok {
@@ -194,22 +212,25 @@ type composeFile struct {
 	Name     string            `json:"name"`
 	Env      map[string]string `json:"x-extauthz-env"`
 	Services map[string]struct {
-		Image       string                                `json:"image"`
-		Build       *struct{ Context, Dockerfile string } `json:"build"`
-		Command     []string                              `json:"command"`
-		Environment map[string]string                     `json:"environment"`
-		Ports       []string                              `json:"ports"`
-		Volumes     []string                              `json:"volumes"`
-		DependsOn   any                                   `json:"depends_on"`
-		Profiles    []string                              `json:"profiles"`
-		Healthcheck map[string]any                        `json:"healthcheck"`
+		Image string `json:"image"`
+		Build *struct {
+			Context    string `json:"context"`
+			Dockerfile string `json:"dockerfile"`
+		} `json:"build"`
+		Command     []string          `json:"command"`
+		Environment map[string]string `json:"environment"`
+		Ports       []string          `json:"ports"`
+		Volumes     []string          `json:"volumes"`
+		DependsOn   any               `json:"depends_on"`
+		Profiles    []string          `json:"profiles"`
+		Healthcheck map[string]any    `json:"healthcheck"`
 	} `json:"services"`
 }
 
 func TestComposeFile(t *testing.T) {
 	t.Parallel()
 	var cf composeFile
-	if err := yaml.UnmarshalStrict(repoFile(t, "envoy/compose.yaml"), &cf); err != nil {
+	if err := decodeStrict(repoFile(t, "envoy/compose.yaml"), &cf); err != nil {
 		t.Fatal(err)
 	}
 	for name, svc := range cf.Services {
