@@ -31,6 +31,13 @@ test: ## vet, then every test with the race detector (Postgres/Redis tests need 
 test-short: ## tests without the race detector, quick
 	$(GO) test -count=1 $(PKGS)
 
+CADDY_VERSION ?= v2.10.2
+
+.PHONY: e2e-caddy
+e2e-caddy: ## build Caddy from the Go module proxy and run the forward_auth end-to-end test with it
+	GOBIN=$(CURDIR)/bin $(GO) install github.com/caddyserver/caddy/v2/cmd/caddy@$(CADDY_VERSION)
+	EXTAUTHZ_TEST_CADDY=$(CURDIR)/bin/caddy $(GO) test -count=1 -run '^TestCaddyForwardAuth$$' -v ./cmd/extauthz
+
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzExtract$$' -fuzztime $(FUZZTIME) ./internal/tokens

@@ -143,6 +143,13 @@ func (r *recorder) seen() (http.Header, int) {
 }
 
 func TestNginxAuthRequest(t *testing.T) {
+	testForwardAuthProxy(t, startNginx)
+}
+
+// testForwardAuthProxy runs extauthz's HTTP mode behind a real reverse
+// proxy (started by start, given extauthz's HTTP address and the upstream's)
+// and checks what clients get and what the upstream sees.
+func testForwardAuthProxy(t *testing.T, start func(t *testing.T, extauthzHTTP, upstream string) string) {
 	routes := filepath.Join(t.TempDir(), "routes.json")
 	os.WriteFile(routes, []byte(`{"routes":[{"path_prefix":"/admin","scopes":["admin"]},{"path_prefix":"/public","public":true}]}`), 0o600)
 	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes}}
@@ -152,11 +159,10 @@ func TestNginxAuthRequest(t *testing.T) {
 	up := &recorder{}
 	upstream := httptest.NewServer(up)
 	defer upstream.Close()
-	nginx := startNginx(t, srv.addrs.HTTP, strings.TrimPrefix(upstream.URL, "http://"))
-
+	proxy := start(t, srv.addrs.HTTP, strings.TrimPrefix(upstream.URL, "http://"))
 	get := func(path string, h map[string]string) (int, http.Header) {
 		t.Helper()
-		req, _ := http.NewRequest("GET", "http://"+nginx+path, nil)
+		req, _ := http.NewRequest("GET", "http://"+proxy+path, nil)
 		for k, v := range h {
 			req.Header.Set(k, v)
 		}
@@ -196,7 +202,15 @@ func TestNginxAuthRequest(t *testing.T) {
 			t.Fatal("the credential reached the upstream")
 		}
 	}
-	// Route rules see the original URI nginx forwards.
+	// A key without scopes: a client's own x-api-key-scopes must not pass either.
+	bare := c.ok("", "keys", "create", "--tenant", "beta")[0]["credential"].(string)
+	if code, _ := get("/v1/orders", map[string]string{"authorization": "Bearer " + bare, "x-api-key-scopes": "admin"}); code != 200 {
+		t.Fatalf("key without scopes: %d", code)
+	}
+	if seen, _ := up.seen(); seen.Get("x-api-key-scopes") != "" || seen.Get("x-tenant-id") != "beta" {
+		t.Fatalf("key without scopes: upstream saw scopes %q tenant %q", seen.Get("x-api-key-scopes"), seen.Get("x-tenant-id"))
+	}
+	// Route rules see the original URI the proxy forwards.
 	if code, _ := get("/admin/users", map[string]string{"authorization": "Bearer " + cred}); code != 403 {
 		t.Fatalf("/admin without the scope: %d, want 403", code)
 	}
@@ -209,7 +223,7 @@ func TestNginxAuthRequest(t *testing.T) {
 	}
 	// Revoked: 401 again.
 	c.ok("", "keys", "revoke", k["id"].(string))
-	eventually(t, "revoke through nginx", func() bool {
+	eventually(t, "revoke through the proxy", func() bool {
 		code, _ := get("/v1/orders", map[string]string{"authorization": "Bearer " + cred})
 		return code == 401
 	})
