@@ -181,7 +181,11 @@ func (a *Authenticator) miss(ctx context.Context, k Digest, c Credential, d *dec
 }
 
 func (d *decision) result() Result {
-	return Result{Principal: d.principal, KeyID: d.keyID, TenantID: d.tenantID}
+	r := Result{KeyID: d.p.KeyID, TenantID: d.p.TenantID}
+	if d.err == nil {
+		r.Principal = &d.p
+	}
+	return r
 }
 
 // resolve asks the shared tier, then the store, and caches what it learns.
@@ -264,11 +268,11 @@ func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint
 			a.sharedFailed(err)
 			return
 		}
-		if a.invalidations.Load() != seq && d.keyID != "" {
+		if a.invalidations.Load() != seq && d.p.KeyID != "" {
 			// An invalidation ran while we wrote: its delete may have
 			// come first. Delete again, now that ours has landed.
 			a.stats.Uncached.Add(1)
-			if err := a.opts.Shared.Forget(ctx, []string{d.keyID}); err != nil {
+			if err := a.opts.Shared.Forget(ctx, []string{d.p.KeyID}); err != nil {
 				a.sharedFailed(err)
 			}
 		}
@@ -321,14 +325,12 @@ func (a *Authenticator) judge(key *Key, c Credential, now time.Time) *decision {
 	if key.Kind != c.kind || !a.hasher.Verify(key.PepperID, secret, key.Digest) {
 		return &decision{err: ErrUnknown}
 	}
-	d := &decision{keyID: key.ID, tenantID: key.TenantID}
+	d := &decision{p: principalOf(key)}
 	switch key.Status(now) {
 	case "revoked":
 		d.err = ErrRevoked
 	case "expired":
 		d.err = ErrExpired
-	default:
-		d.principal = NewPrincipal(key)
 	}
 	return d
 }
@@ -343,8 +345,7 @@ func (a *Authenticator) deadlines(d *decision, now time.Time) (fresh, stale int6
 	}
 	fresh = now.Add(ttl).UnixNano()
 	stale = now.Add(ttl + a.opts.MaxStale).UnixNano()
-	if d.principal != nil && !d.principal.ExpiresAt.IsZero() {
-		exp := d.principal.ExpiresAt.UnixNano()
+	if exp := d.p.expires; d.err == nil && exp != 0 {
 		fresh, stale = min(fresh, exp), min(stale, exp)
 	}
 	return fresh, stale
@@ -393,8 +394,8 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 		set[id] = struct{}{}
 	}
 	n := a.cache.dropWhere(func(d *decision) bool {
-		_, ok := set[d.keyID]
-		return ok && d.keyID != ""
+		_, ok := set[d.p.KeyID]
+		return ok && d.p.KeyID != ""
 	})
 	a.stats.Invalidated.Add(uint64(n))
 	return n
@@ -403,7 +404,7 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 // InvalidateTenant drops every cached decision of a tenant's keys.
 func (a *Authenticator) InvalidateTenant(tenant string) int {
 	a.invalidations.Add(1)
-	n := a.cache.dropWhere(func(d *decision) bool { return d.tenantID == tenant && d.keyID != "" })
+	n := a.cache.dropWhere(func(d *decision) bool { return d.p.TenantID == tenant && d.p.KeyID != "" })
 	a.stats.Invalidated.Add(uint64(n))
 	return n
 }
@@ -422,5 +423,5 @@ func (a *Authenticator) InvalidateAll() int {
 // imported or created a moment after a failed attempt works at once.
 func (a *Authenticator) ForgetUnknown() int {
 	a.invalidations.Add(1)
-	return a.cache.dropWhere(func(d *decision) bool { return d.keyID == "" })
+	return a.cache.dropWhere(func(d *decision) bool { return d.p.KeyID == "" })
 }

@@ -5,15 +5,14 @@ import (
 	"sync/atomic"
 )
 
-// decision is what a credential digest resolves to: a principal, or a
-// denial (ErrUnknown, ErrRevoked, ErrExpired). keyID is set whenever the
-// decision came from a known key whose secret matched, so that revoking or
-// changing that key can drop it. Decisions are immutable and shared.
+// decision is what a credential digest resolves to: an allow (err nil), or
+// a denial (ErrUnknown, ErrRevoked, ErrExpired). p's KeyID and TenantID are
+// set whenever the key is known and its secret matched, so that revoking or
+// changing that key can drop the decision. Decisions are immutable and
+// shared; the principal lives inside, one object per cached decision.
 type decision struct {
-	principal *Principal
-	err       error
-	keyID     string
-	tenantID  string
+	p   Principal
+	err error
 }
 
 // Lookup states of the cache.

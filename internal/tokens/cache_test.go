@@ -31,10 +31,10 @@ func TestCacheSieveKeepsHotEntries(t *testing.T) {
 	t.Parallel()
 	c := NewCache(cacheShards * 4)
 	hot := digestOf(-1)
-	c.put(hot, &decision{keyID: "hot"}, 100, 100)
+	c.put(hot, &decision{p: Principal{KeyID: "hot"}}, 100, 100)
 	for i := range 5000 {
 		// The hot entry is read between every insertion.
-		if d, st := c.get(hot, 0); st != cacheFresh || d.keyID != "hot" {
+		if d, st := c.get(hot, 0); st != cacheFresh || d.p.KeyID != "hot" {
 			t.Fatalf("hot entry evicted after %d insertions", i)
 		}
 		c.put(digestOf(i), &decision{}, 100, 100)
@@ -45,7 +45,7 @@ func TestCacheFreshStaleExpired(t *testing.T) {
 	t.Parallel()
 	c := NewCache(100)
 	k := digestOf(1)
-	c.put(k, &decision{keyID: "a"}, 10, 20)
+	c.put(k, &decision{p: Principal{KeyID: "a"}}, 10, 20)
 	for _, tc := range []struct {
 		now  int64
 		want int
@@ -55,8 +55,8 @@ func TestCacheFreshStaleExpired(t *testing.T) {
 		}
 	}
 	// Overwrite in place.
-	c.put(k, &decision{keyID: "b"}, 30, 30)
-	if d, st := c.get(k, 25); st != cacheFresh || d.keyID != "b" || c.Len() != 1 {
+	c.put(k, &decision{p: Principal{KeyID: "b"}}, 30, 30)
+	if d, st := c.get(k, 25); st != cacheFresh || d.p.KeyID != "b" || c.Len() != 1 {
 		t.Fatalf("overwrite: %v %d len %d", d, st, c.Len())
 	}
 	c.drop(k)
@@ -74,12 +74,12 @@ func TestCacheConcurrent(t *testing.T) {
 			for i := range 5000 {
 				k := digestOf(i % 2000)
 				if i%3 == 0 {
-					c.put(k, &decision{keyID: "x"}, 100, 100)
+					c.put(k, &decision{p: Principal{KeyID: "x"}}, 100, 100)
 				} else {
 					c.get(k, int64(g))
 				}
 				if i%1000 == 0 {
-					c.dropWhere(func(d *decision) bool { return d.keyID == "x" && i%2 == 0 })
+					c.dropWhere(func(d *decision) bool { return d.p.KeyID == "x" && i%2 == 0 })
 				}
 			}
 		})

@@ -65,18 +65,18 @@ func (o Outcome) err() error {
 }
 
 func (d *decision) shared(fresh, stale int64) *SharedEntry {
-	e := &SharedEntry{Outcome: outcomeOf(d.err), KeyID: d.keyID, TenantID: d.tenantID,
+	e := &SharedEntry{Outcome: outcomeOf(d.err), KeyID: d.p.KeyID, TenantID: d.p.TenantID,
 		FreshUntil: time.Unix(0, fresh), StaleUntil: time.Unix(0, stale)}
-	if p := d.principal; p != nil {
-		e.Scopes, e.ExpiresAt = p.Scopes, p.ExpiresAt
+	if d.err == nil {
+		e.Scopes, e.ExpiresAt = d.p.Scopes(), d.p.ExpiresAt()
 	}
 	return e
 }
 
 func (e *SharedEntry) decision() *decision {
-	d := &decision{err: e.Outcome.err(), keyID: e.KeyID, tenantID: e.TenantID}
-	if e.Outcome == OutcomeAllow {
-		d.principal = NewPrincipal(&Key{ID: e.KeyID, TenantID: e.TenantID, Scopes: e.Scopes, ExpiresAt: e.ExpiresAt})
+	d := &decision{err: e.Outcome.err()}
+	if e.KeyID != "" {
+		d.p = principalOf(&Key{ID: e.KeyID, TenantID: e.TenantID, Scopes: e.Scopes, ExpiresAt: e.ExpiresAt})
 	}
 	return d
 }

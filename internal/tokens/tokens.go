@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strings"
 	"time"
+	"unique"
 )
 
 // Denials. A check that ends in one of these is a decision, not a failure.
@@ -109,30 +110,47 @@ func (k *Key) Status(now time.Time) string {
 }
 
 // Principal is what an allowed credential resolves to. Values are shared
-// between requests and must not be modified.
+// between requests and must not be modified. It is kept small: one is held
+// per cached decision.
 type Principal struct {
 	KeyID    string
 	TenantID string
-	Scopes   []string
-	// ScopesHeader is Scopes joined with commas, computed once.
+	// ScopesHeader is the key's scopes joined with commas (a scope never
+	// contains one), as the x-api-key-scopes header carries them.
 	ScopesHeader string
-	ExpiresAt    time.Time // zero: never
+	expires      int64 // unix nanoseconds; 0: never
 }
 
-// NewPrincipal derives the principal of a stored key.
-func NewPrincipal(k *Key) *Principal {
-	return &Principal{
+// principalOf derives the principal of a stored key. Tenant ids and scope
+// lists repeat across keys, so they are interned: one copy in memory each.
+func principalOf(k *Key) Principal {
+	p := Principal{
 		KeyID:        k.ID,
-		TenantID:     k.TenantID,
-		Scopes:       k.Scopes,
-		ScopesHeader: strings.Join(k.Scopes, ","),
-		ExpiresAt:    k.ExpiresAt,
+		TenantID:     unique.Make(k.TenantID).Value(),
+		ScopesHeader: unique.Make(strings.Join(k.Scopes, ",")).Value(),
 	}
+	if !k.ExpiresAt.IsZero() {
+		p.expires = k.ExpiresAt.UnixNano()
+	}
+	return p
 }
 
-// HasScope reports whether p holds scope s.
+// ExpiresAt is the key's expiry; zero: never.
+func (p *Principal) ExpiresAt() time.Time {
+	if p.expires == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, p.expires)
+}
+
+// Scopes returns the key's scopes (a new slice).
+func (p *Principal) Scopes() []string { return SplitList(p.ScopesHeader) }
+
+// HasScope reports whether p holds scope s. It does not allocate.
 func (p *Principal) HasScope(s string) bool {
-	for _, have := range p.Scopes {
+	for rest := p.ScopesHeader; rest != ""; {
+		var have string
+		have, rest, _ = strings.Cut(rest, ",")
 		if have == s {
 			return true
 		}
