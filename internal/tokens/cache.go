@@ -1,6 +1,7 @@
 package tokens
 
 import (
+	"encoding/binary"
 	"sync"
 	"sync/atomic"
 )
@@ -34,8 +35,13 @@ type Cache struct {
 }
 
 type cacheShard struct {
-	mu         sync.RWMutex
-	m          map[Digest]*cacheEntry
+	mu sync.RWMutex
+	// m is indexed by 64 bits of the digest, not the whole 32 bytes, to keep
+	// a map slot at 16 bytes instead of 40. The entry holds the full digest
+	// and every lookup compares it: two credentials whose digests share
+	// those 64 bits merely compete for one slot (a miss, or an eviction);
+	// one can never be answered with the other's decision.
+	m          map[uint64]*cacheEntry
 	head, tail *cacheEntry // head is newest
 	hand       *cacheEntry
 	capacity   int
@@ -58,7 +64,7 @@ func NewCache(size int) *Cache {
 		per = 1
 	}
 	for i := range c.shards {
-		c.shards[i].m = make(map[Digest]*cacheEntry)
+		c.shards[i].m = make(map[uint64]*cacheEntry, per)
 		c.shards[i].capacity = per
 	}
 	return c
@@ -66,12 +72,16 @@ func NewCache(size int) *Cache {
 
 func (c *Cache) shard(k *Digest) *cacheShard { return &c.shards[k[0]%cacheShards] }
 
+// slot is the map index of a digest: bytes 8..16, independent of the byte
+// that picks the shard.
+func slot(k *Digest) uint64 { return binary.LittleEndian.Uint64(k[8:16]) }
+
 // get returns the decision for k at now (unix nanoseconds) and its state.
 func (c *Cache) get(k Digest, now int64) (*decision, int) {
 	s := c.shard(&k)
 	s.mu.RLock()
-	e := s.m[k]
-	if e == nil {
+	e := s.m[slot(&k)]
+	if e == nil || e.key != k {
 		s.mu.RUnlock()
 		return nil, cacheMiss
 	}
@@ -95,9 +105,12 @@ func (c *Cache) put(k Digest, d *decision, freshUntil, staleUntil int64) {
 	s := c.shard(&k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.m[k]; e != nil {
-		e.val, e.freshUntil, e.staleUntil = d, freshUntil, staleUntil
-		return
+	if e := s.m[slot(&k)]; e != nil {
+		if e.key == k {
+			e.val, e.freshUntil, e.staleUntil = d, freshUntil, staleUntil
+			return
+		}
+		s.remove(e) // another digest in the same slot: the newer one wins
 	}
 	for len(s.m) >= s.capacity {
 		s.evict()
@@ -112,7 +125,7 @@ func (c *Cache) put(k Digest, d *decision, freshUntil, staleUntil int64) {
 	if s.tail == nil {
 		s.tail = e
 	}
-	s.m[k] = e
+	s.m[slot(&k)] = e
 }
 
 // evict removes one entry: the first from the hand toward the head that
@@ -147,14 +160,14 @@ func (s *cacheShard) remove(e *cacheEntry) {
 		s.tail = e.prev
 	}
 	e.prev, e.next = nil, nil
-	delete(s.m, e.key)
+	delete(s.m, slot(&e.key))
 }
 
 // drop removes the entry for k, if any.
 func (c *Cache) drop(k Digest) {
 	s := c.shard(&k)
 	s.mu.Lock()
-	if e := s.m[k]; e != nil {
+	if e := s.m[slot(&k)]; e != nil && e.key == k {
 		s.remove(e)
 	}
 	s.mu.Unlock()

@@ -93,7 +93,7 @@ func TestCacheConcurrent(t *testing.T) {
 		s := &c.shards[i]
 		n := 0
 		for e := s.head; e != nil; e = e.next {
-			if s.m[e.key] != e {
+			if s.m[slot(&e.key)] != e {
 				t.Fatal("list entry not in map")
 			}
 			n++
@@ -101,5 +101,32 @@ func TestCacheConcurrent(t *testing.T) {
 		if n != len(s.m) {
 			t.Fatalf("shard %d: list %d, map %d", i, n, len(s.m))
 		}
+	}
+}
+
+// Two digests that share the 64 bits the map is indexed by: each must only
+// ever be answered with its own decision.
+func TestCacheSlotCollision(t *testing.T) {
+	t.Parallel()
+	c := NewCache(100)
+	a, b := digestOf(1), digestOf(1)
+	b[31] ^= 0xff // same shard byte, same slot bytes, different digest
+	if slot(&a) != slot(&b) || c.shard(&a) != c.shard(&b) || a == b {
+		t.Fatal("not a slot collision")
+	}
+	c.put(a, &decision{p: Principal{KeyID: "a"}}, 100, 100)
+	if d, st := c.get(b, 0); st != cacheMiss || d != nil {
+		t.Fatalf("b answered with a's decision: %v", d)
+	}
+	c.put(b, &decision{p: Principal{KeyID: "b"}}, 100, 100)
+	if d, st := c.get(b, 0); st != cacheFresh || d.p.KeyID != "b" {
+		t.Fatalf("b: %v %d", d, st)
+	}
+	if d, st := c.get(a, 0); st != cacheMiss || d != nil {
+		t.Fatalf("a after b took the slot: %v, want a miss", d)
+	}
+	c.drop(a) // must not remove b
+	if _, st := c.get(b, 0); st != cacheFresh || c.Len() != 1 {
+		t.Fatal("dropping a removed b")
 	}
 }
