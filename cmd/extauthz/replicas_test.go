@@ -26,7 +26,13 @@ type cluster struct {
 func newCluster(t *testing.T, withRedis bool) *cluster {
 	t.Helper()
 	dsn := testsvc.NewDatabase(t)
-	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_STORE": dsn, "EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32}}
+	c := &cli{t: t, env: map[string]string{
+		"EXTAUTHZ_STORE": dsn, "EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32,
+		// These tests are about propagation and lookup counts, not deadlines:
+		// a loaded CI machine under -race must not turn them into outages.
+		// (TestPostgresBlackHole sets its own 100ms.)
+		"EXTAUTHZ_STORE_TIMEOUT": "1s",
+	}}
 	if withRedis {
 		_, prefix := testsvc.NewRedis(t)
 		c.env["EXTAUTHZ_REDIS_URL"] = testsvc.RedisURL()
@@ -62,6 +68,8 @@ func startReplica(t *testing.T, c *cli) *replica {
 	t.Helper()
 	srv := startServer(t, c)
 	authz, _ := srv.client(t)
+	// Traffic goes to ready replicas only, as Envoy and Kubernetes would send it.
+	eventually3s(t, "replica ready", func() bool { code, _ := httpGet(t, "http://"+srv.addrs.HTTP+"/readyz"); return code == 200 })
 	return &replica{srv: srv, allowed: func(cred string) bool {
 		r, err := authz.Check(context.Background(), checkReq(map[string]string{"x-api-key": cred}))
 		if err != nil {
