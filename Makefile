@@ -47,6 +47,10 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 bench: ## Go benchmarks with allocations, BENCHCOUNT runs each (compare with benchstat)
 	$(GO) test -run '^$$' -bench . -benchmem -count $(BENCHCOUNT) ./internal/...
 
+.PHONY: bench-load
+bench-load: ## load test: extauthz vs the baseline noop and ideal servers, 100k warmed keys (ROUNDS, DURATION, KEYS, CONCURRENCY)
+	bench/run-load.sh
+
 .PHONY: lint
 lint: ## gofmt, go vet and staticcheck
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
