@@ -1,7 +1,6 @@
 package main
 
 import (
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -47,12 +46,7 @@ func TestCaddyForwardAuth(t *testing.T) {
 	}
 	testForwardAuthProxy(t, func(t *testing.T, extauthzHTTP, upstream string) string {
 		dir := t.TempDir()
-		lis, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := lis.Addr().String()
-		lis.Close()
+		addr := freeLoopbackAddr(t)
 		conf := strings.NewReplacer("{{listen}}", addr, "{{extauthz}}", extauthzHTTP, "{{upstream}}", upstream).Replace(caddyfile)
 		path := filepath.Join(dir, "Caddyfile")
 		os.WriteFile(path, []byte(conf), 0o644)
@@ -64,16 +58,7 @@ func TestCaddyForwardAuth(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		deadline := time.Now().Add(10 * time.Second)
-		for {
-			if c, err := net.Dial("tcp", addr); err == nil {
-				c.Close()
-				return addr
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("caddy did not start: %s", out.String())
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
+		waitListening(t, addr, 10*time.Second, func() string { return "caddy: " + out.String() })
+		return addr
 	})
 }

@@ -31,11 +31,7 @@ func keys(ctx context.Context, cfg Config, args []string, e *env) error {
 		return usagef("unknown keys subcommand %q (want create, list, revoke, delete or import)", sub)
 	}
 	log := newLogger(zapcore.WarnLevel, e.stderr)
-	ps, err := peppers(&cfg)
-	if err != nil {
-		return err
-	}
-	h, err := tokens.NewHasher(ps)
+	h, err := newHasher(&cfg)
 	if err != nil {
 		return err
 	}

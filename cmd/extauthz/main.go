@@ -163,6 +163,16 @@ func peppers(cfg *Config) ([]tokens.Pepper, error) {
 	return ps, nil
 }
 
+// newHasher builds the hasher from the configured (or, on the embedded
+// default, generated) peppers.
+func newHasher(cfg *Config) (*tokens.Hasher, error) {
+	ps, err := peppers(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return tokens.NewHasher(ps)
+}
+
 // createPepper writes a new random pepper, unless one appears first: two
 // first runs at once must agree on one pepper (O_EXCL).
 func createPepper(dir, path string) error {

@@ -80,12 +80,7 @@ func startNginx(t *testing.T, extauthzHTTP, upstream string) string {
 		t.Skip("SKIPPED: nginx not installed (apt-get install nginx-light); the nginx auth_request test needs it")
 	}
 	dir := t.TempDir()
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := lis.Addr().String()
-	lis.Close()
+	addr := freeLoopbackAddr(t)
 	conf := strings.NewReplacer("{{dir}}", dir, "{{listen}}", addr, "{{upstream}}", upstream, "{{extauthz}}", extauthzHTTP).Replace(nginxConf)
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
@@ -107,16 +102,36 @@ func startNginx(t *testing.T, extauthzHTTP, upstream string) string {
 			cmd.Process.Kill()
 		}
 	})
-	deadline := time.Now().Add(5 * time.Second)
+	waitListening(t, addr, 5*time.Second, func() string {
+		log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+		return "nginx: " + out.String() + string(log)
+	})
+	return addr
+}
+
+// freeLoopbackAddr returns a loopback address with a port free just now.
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	return lis.Addr().String()
+}
+
+// waitListening waits until addr accepts connections, failing with what
+// describe says (the process's output) after timeout.
+func waitListening(t *testing.T, addr string, timeout time.Duration, describe func() string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
 	for {
-		c, err := net.Dial("tcp", addr)
-		if err == nil {
+		if c, err := net.Dial("tcp", addr); err == nil {
 			c.Close()
-			return addr
+			return
 		}
 		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(filepath.Join(dir, "error.log"))
-			t.Fatalf("nginx did not start: %s %s", out.String(), log)
+			t.Fatalf("%s did not start listening: %s", addr, describe())
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

@@ -37,11 +37,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		log.Warn("ignoring unknown settings (misspelt?)", zap.Strings("names", unknown))
 	}
 
-	ps, err := peppers(&cfg)
-	if err != nil {
-		return err
-	}
-	hasher, err := tokens.NewHasher(ps)
+	hasher, err := newHasher(&cfg)
 	if err != nil {
 		return err
 	}
