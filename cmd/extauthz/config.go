@@ -48,6 +48,7 @@ type Config struct {
 	UsageMaxPending int
 
 	LogLevel zapcore.Level
+	Pprof    bool // /debug/pprof/ on the admin address
 }
 
 func defaultConfig() Config {
@@ -244,6 +245,13 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		}
 		c.CredentialSources = srcs
 	}
+	if v, ok := get("PPROF"); ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			bad("PPROF", "%q is not true or false", v)
+		}
+		c.Pprof = b
+	}
 	if v, ok := get("STRIP_CREDENTIAL"); ok {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
@@ -301,7 +309,7 @@ var known = map[string]bool{
 	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
-	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true,
+	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

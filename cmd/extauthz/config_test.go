@@ -59,6 +59,7 @@ func TestConfigAllSettings(t *testing.T) {
 		"EXTAUTHZ_REDIS_PREFIX":       "shop:",
 		"EXTAUTHZ_USAGE_INTERVAL":     "30s",
 		"EXTAUTHZ_USAGE_MAX_PENDING":  "10",
+		"EXTAUTHZ_PPROF":              "true",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -71,7 +72,7 @@ func TestConfigAllSettings(t *testing.T) {
 		CredentialSources: []string{"x-api-key"}, StripCredential: false, Realm: "shop", RoutesFile: "/etc/routes.json",
 		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
 		StoreTimeout: 50 * time.Millisecond, ShutdownDelay: 3 * time.Second, ShutdownTimeout: 10 * time.Second,
-		LogLevel: zapcore.DebugLevel, UsageInterval: 30 * time.Second, UsageMaxPending: 10,
+		LogLevel: zapcore.DebugLevel, UsageInterval: 30 * time.Second, UsageMaxPending: 10, Pprof: true,
 	}
 	if d := cmp.Diff(want, c); d != "" {
 		t.Fatalf("(-want +got):\n%s", d)
@@ -104,6 +105,7 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_REDIS_MODE":         "ring",
 		"EXTAUTHZ_USAGE_INTERVAL":     "1ms",
 		"EXTAUTHZ_USAGE_MAX_PENDING":  "none",
+		"EXTAUTHZ_PPROF":              "sometimes",
 		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
 	}
 	// Each alone fails, naming its setting.

@@ -118,6 +118,7 @@ func TestServeEndToEnd(t *testing.T) {
 	for name, open := range stores(t) {
 		t.Run(name, func(t *testing.T) {
 			c := open(t)
+			c.env["EXTAUTHZ_PPROF"] = "true"
 			k := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]
 			gone := c.ok("", "keys", "create", "--tenant", "acme", "--kind", "token")[0]
 			srv := startServer(t, c)
@@ -163,6 +164,9 @@ func TestServeEndToEnd(t *testing.T) {
 			lag2 := eventually(t, "delete", func() bool { return !allowed(gone["credential"].(string)) })
 			t.Logf("revoke seen after %v, delete after %v", lag, lag2)
 
+			if code, _ := httpGet(t, "http://"+srv.addrs.Admin+"/debug/pprof/"); code != 200 {
+				t.Errorf("pprof with EXTAUTHZ_PPROF=true: %d", code)
+			}
 			_, metrics := httpGet(t, "http://"+srv.addrs.Admin+"/metrics")
 			for _, want := range []string{
 				`extauthz_checks_total{reason="allowed",result="allow"}`, `extauthz_checks_total{reason="revoked",result="deny"}`,
@@ -209,6 +213,9 @@ func TestServeEndToEnd(t *testing.T) {
 func TestServeShutdownHealth(t *testing.T) {
 	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_SHUTDOWN_DELAY": "300ms"}}
 	srv := startServer(t, c)
+	if code, _ := httpGet(t, "http://"+srv.addrs.Admin+"/debug/pprof/"); code != 404 {
+		t.Errorf("pprof served by default: %d", code)
+	}
 	_, hc := srv.client(t)
 	ctx := context.Background()
 	stream, err := hc.Watch(ctx, &healthpb.HealthCheckRequest{Service: ""})

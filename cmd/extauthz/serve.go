@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"sync"
 	"time"
@@ -118,6 +119,15 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	adminMux := http.NewServeMux()
 	adminMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if cfg.Pprof {
+		// Off by default: profiles expose internals; the admin port should
+		// not be reachable from outside the cluster anyway.
+		adminMux.HandleFunc("/debug/pprof/", pprof.Index)
+		adminMux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+		adminMux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		adminMux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+		adminMux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	adminMux.Handle("/", health.HTTPHandler(nil))
 	adminSrv := &http.Server{Handler: adminMux, ReadHeaderTimeout: 5 * time.Second}
 
