@@ -69,6 +69,33 @@ func (r Reason) Result() string {
 	return "deny"
 }
 
+// ErrorName is the "error" of a deny body: "forbidden" for a 403,
+// "unauthenticated" for every other denial.
+func (r Reason) ErrorName() string {
+	if r.HTTPStatus() == 403 {
+		return "forbidden"
+	}
+	return "unauthenticated"
+}
+
+// identityHeaders are the headers extauthz sets for the upstream; on a
+// public route, where no key is checked, they are removed instead.
+var identityHeaders = []string{HeaderTenant, HeaderKeyID, HeaderScopes}
+
+// removals appends to dst the request headers an allow removes: the
+// credential header (EXTAUTHZ_STRIP_CREDENTIAL), and the scopes header when
+// the key has no scopes, so that it is never sent empty nor passed on from
+// the client.
+func (s *Service) removals(dst []string, d *Decision) []string {
+	if d.Result.Principal.ScopesHeader == "" {
+		dst = append(dst, HeaderScopes)
+	}
+	if s.opts.StripCredential && d.From != "" {
+		dst = append(dst, d.From)
+	}
+	return dst
+}
+
 // HTTPStatus is the status a client sees for the outcome.
 func (r Reason) HTTPStatus() int {
 	switch r {
@@ -152,10 +179,22 @@ func NewService(a Authenticator, o Options) *Service {
 	return s
 }
 
-// Decide runs one check. The error is non-nil only when no decision could
-// be reached (key store down and nothing usable cached, or the caller gave
-// up); Decision.Reason is then Unavailable.
+// Decide runs one check, and records its outcome and latency (observer,
+// log) whichever protocol carried it. The error is non-nil only when no
+// decision could be reached (key store down and nothing usable cached, or
+// the caller gave up); Decision.Reason is then Unavailable.
 func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
+	start := time.Now()
+	d, err := s.decide(ctx, req)
+	elapsed := time.Since(start)
+	if s.opts.Observer != nil {
+		s.opts.Observer.Observe(d.Reason, elapsed)
+	}
+	s.logDecision(req, d, err, elapsed)
+	return d, err
+}
+
+func (s *Service) decide(ctx context.Context, req *Request) (Decision, error) {
 	if !req.HasHTTP {
 		return Decision{Reason: MissingCredential}, nil
 	}

@@ -3,7 +3,6 @@ package authz
 import (
 	"context"
 	"errors"
-	"time"
 	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -56,24 +55,18 @@ func (g *GRPC) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.Chec
 // (an unset one would be an allow to Envoy), and every denial a
 // denied_response with its HTTP status (a bare code would be a 403).
 func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.CheckResponse, error) {
-	start := time.Now()
 	req := checkRequest(in)
 	d, err := s.Decide(ctx, &req)
-	elapsed := time.Since(start)
-	if s.opts.Observer != nil {
-		s.opts.Observer.Observe(d.Reason, elapsed)
-	}
-	s.logDecision(&req, d, err, elapsed)
 	if err != nil {
-		switch {
-		case errors.Is(err, tokens.ErrUnavailable):
-			// Checked first: a store timeout wraps DeadlineExceeded too,
-			// but it is an outage, not the caller's deadline.
-			return nil, status.Error(codes.Unavailable, "key store unavailable")
-		case errors.Is(err, context.Canceled):
-			return nil, status.Error(codes.Canceled, "check canceled")
-		case errors.Is(err, context.DeadlineExceeded):
-			return nil, status.Error(codes.DeadlineExceeded, "check deadline exceeded")
+		// A store timeout wraps DeadlineExceeded too, but it is an outage,
+		// not the caller's deadline: only an unwrapped context error is.
+		if !errors.Is(err, tokens.ErrUnavailable) {
+			switch {
+			case errors.Is(err, context.Canceled):
+				return nil, status.Error(codes.Canceled, "check canceled")
+			case errors.Is(err, context.DeadlineExceeded):
+				return nil, status.Error(codes.DeadlineExceeded, "check deadline exceeded")
+			}
 		}
 		return nil, status.Error(codes.Unavailable, "key store unavailable")
 	}
@@ -181,17 +174,12 @@ func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
 	}
 	set(0, HeaderTenant, p.TenantID)
 	set(1, HeaderKeyID, p.KeyID)
-	n, remove := 2, b.remove[:0]
+	n := 2
 	if p.ScopesHeader != "" {
 		set(2, HeaderScopes, p.ScopesHeader)
 		n = 3
-	} else {
-		// Never sent empty, never passed on from the client.
-		remove = append(remove, HeaderScopes)
 	}
-	if s.opts.StripCredential && d.From != "" {
-		remove = append(remove, d.From)
-	}
+	remove := s.removals(b.remove[:0], d)
 	b.ok.Headers = b.optPtrs[:n]
 	if len(remove) > 0 {
 		b.ok.HeadersToRemove = remove
@@ -216,7 +204,7 @@ func (s *Service) publicResponse() *authv3.CheckResponse {
 	return &authv3.CheckResponse{
 		Status: &rpcstatus.Status{Code: int32(codes.OK)},
 		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{
-			HeadersToRemove: []string{HeaderTenant, HeaderKeyID, HeaderScopes},
+			HeadersToRemove: identityHeaders, // shared, read-only
 		}},
 		DynamicMetadata: &structpb.Struct{Fields: map[string]*structpb.Value{
 			"reason": structpb.NewStringValue(AllowedPublic.String()),
@@ -240,9 +228,9 @@ func (s *Service) buildDenies() {
 }
 
 func (s *Service) buildDeny(r Reason, keyID, tenantID string) *authv3.CheckResponse {
-	code, errName := codes.Unauthenticated, "unauthenticated"
+	code := codes.Unauthenticated
 	if r.HTTPStatus() == 403 {
-		code, errName = codes.PermissionDenied, "forbidden"
+		code = codes.PermissionDenied
 	}
 	hdrs := []*corev3.HeaderValueOption{setHeader("content-type", "application/json")}
 	if wa := WWWAuthenticate(s.opts.Realm, r); wa != "" {
@@ -258,7 +246,7 @@ func (s *Service) buildDeny(r Reason, keyID, tenantID string) *authv3.CheckRespo
 		HttpResponse: &authv3.CheckResponse_DeniedResponse{DeniedResponse: &authv3.DeniedHttpResponse{
 			Status:  &typev3.HttpStatus{Code: typev3.StatusCode(r.HTTPStatus())},
 			Headers: hdrs,
-			Body:    DenyBody(errName, r),
+			Body:    DenyBody(r),
 		}},
 		DynamicMetadata: &structpb.Struct{Fields: md},
 	}
@@ -274,8 +262,8 @@ func (s *Service) denyResponse(d *Decision) *authv3.CheckResponse {
 }
 
 // DenyBody is the JSON body of a denial: no internal detail.
-func DenyBody(errName string, r Reason) string {
-	return `{"error":"` + errName + `","reason":"` + r.String() + `"}`
+func DenyBody(r Reason) string {
+	return `{"error":"` + r.ErrorName() + `","reason":"` + r.String() + `"}`
 }
 
 // WWWAuthenticate is the challenge of a denial, per RFC 6750 section 3:

@@ -3,7 +3,6 @@ package authz
 import (
 	"net/http"
 	"strings"
-	"time"
 )
 
 // HeaderRemove is Envoy's http_service header naming request headers to
@@ -82,13 +81,7 @@ func firstOf(h http.Header, names ...string) string {
 }
 
 func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request, req *Request) {
-	start := time.Now()
 	d, err := s.Decide(r.Context(), req)
-	elapsed := time.Since(start)
-	if s.opts.Observer != nil {
-		s.opts.Observer.Observe(d.Reason, elapsed)
-	}
-	s.logDecision(req, d, err, elapsed)
 	h := w.Header()
 	switch {
 	case err != nil:
@@ -100,33 +93,23 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request, req *Request
 		p := d.Result.Principal
 		h.Set(HeaderTenant, p.TenantID)
 		h.Set(HeaderKeyID, p.KeyID)
-		var remove []string
 		if p.ScopesHeader != "" {
 			h.Set(HeaderScopes, p.ScopesHeader)
-		} else {
-			remove = append(remove, HeaderScopes)
 		}
-		if s.opts.StripCredential && d.From != "" {
-			remove = append(remove, d.From)
-		}
-		if len(remove) > 0 {
+		if remove := s.removals(nil, &d); len(remove) > 0 {
 			h.Set(HeaderRemove, strings.Join(remove, ", "))
 		}
 		w.WriteHeader(http.StatusOK)
 	case d.Reason == AllowedPublic:
 		// No key was checked: tell Envoy to drop any identity the client sent.
-		h.Set(HeaderRemove, HeaderTenant+", "+HeaderKeyID+", "+HeaderScopes)
+		h.Set(HeaderRemove, strings.Join(identityHeaders, ", "))
 		w.WriteHeader(http.StatusOK)
 	default:
-		errName := "unauthenticated"
-		if d.Reason.HTTPStatus() == http.StatusForbidden {
-			errName = "forbidden"
-		}
 		h.Set("content-type", "application/json")
 		if wa := WWWAuthenticate(s.opts.Realm, d.Reason); wa != "" {
 			h.Set("www-authenticate", wa)
 		}
 		w.WriteHeader(d.Reason.HTTPStatus())
-		w.Write([]byte(DenyBody(errName, d.Reason)))
+		w.Write([]byte(DenyBody(d.Reason)))
 	}
 }
