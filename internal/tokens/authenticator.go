@@ -289,7 +289,8 @@ func (a *Authenticator) sharedUp() bool {
 
 func (a *Authenticator) sharedFailed(err error) {
 	a.stats.SharedErrors.Add(1)
-	if a.sharedDown.Swap(a.opts.Now().Add(a.opts.SharedRetry).UnixNano()) < a.opts.Now().UnixNano() {
+	now := a.opts.Now()
+	if a.sharedDown.Swap(now.Add(a.opts.SharedRetry).UnixNano()) < now.UnixNano() {
 		a.log.Warn("shared cache unavailable; using the process cache and the store", zap.Error(err), zap.Duration("retry_in", a.opts.SharedRetry))
 	}
 }

@@ -158,9 +158,6 @@ func NewExtractor(sources []string) *Extractor {
 	return &Extractor{sources: s}
 }
 
-// Sources returns the configured header names.
-func (e *Extractor) Sources() []string { return e.sources }
-
 // Extract returns the credential and the header it came from, or one of
 // ErrMissing, ErrAmbiguous, ErrMalformed. It never hashes or looks anything
 // up, and never allocates on the success path.

@@ -78,9 +78,6 @@ func NewHasher(peppers []Pepper) (*Hasher, error) {
 // CurrentID is the id of the pepper that signs new keys.
 func (h *Hasher) CurrentID() string { return h.peppers[0].ID }
 
-// Len is the number of peppers.
-func (h *Hasher) Len() int { return len(h.peppers) }
-
 // Digest is HMAC-SHA256 under the current pepper.
 func (h *Hasher) Digest(s string) Digest { return h.digestWith(0, s) }
 

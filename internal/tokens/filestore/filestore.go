@@ -79,9 +79,6 @@ func Open(path string, o Options) (*Store, error) {
 	return s, nil
 }
 
-// Path is the file the store reads.
-func (s *Store) Path() string { return s.path }
-
 func statOf(path string) (stamp, error) {
 	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {

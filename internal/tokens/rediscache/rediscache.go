@@ -217,9 +217,6 @@ func (c *Cache) Claim(ctx context.Context, keyIDs []string, interval time.Durati
 	return won, nil
 }
 
-// Ping checks the connection.
-func (c *Cache) Ping(ctx context.Context) error { return c.rdb.Ping(ctx).Err() }
-
 // Bus carries key changes between replicas and from the CLI.
 type Bus struct {
 	rdb     redis.UniversalClient
