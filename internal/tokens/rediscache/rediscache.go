@@ -161,10 +161,12 @@ func (c *Cache) Set(ctx context.Context, k tokens.Digest, e *tokens.SharedEntry)
 			ik := c.indexKey(e.KeyID)
 			p.SAdd(ctx, ik, ek)
 			// The index must outlive every entry it names: set a TTL on a
-			// new index, and only ever extend it (EXPIRE works in whole
-			// seconds, hence the extra second).
-			p.ExpireNX(ctx, ik, ttl+time.Second)
-			p.ExpireGT(ctx, ik, ttl+time.Second)
+			// new index, and only ever extend it. EXPIRE takes whole
+			// seconds and go-redis truncates, so round up, then add one:
+			// the index expires at least a second after the entry.
+			indexTTL := (ttl + time.Second - 1).Truncate(time.Second) + time.Second
+			p.ExpireNX(ctx, ik, indexTTL)
+			p.ExpireGT(ctx, ik, indexTTL)
 		}
 		return nil
 	})
