@@ -64,11 +64,6 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	var bus *rediscache.Bus
 	uopts := tokens.UsageOptions{Interval: cfg.UsageInterval, MaxPending: cfg.UsageMaxPending, Logger: log.Named("usage")}
-	if cfg.StoreKind() == "file" {
-		// Every file-store write rewrites (and every server re-reads) the
-		// whole key file: write all pending usage at once, not in batches.
-		uopts.BatchSize = cfg.UsageMaxPending
-	}
 	if cfg.RedisURL != "" {
 		rdb, err := rediscache.NewClient(cfg.RedisURL, cfg.RedisMode)
 		if err != nil {

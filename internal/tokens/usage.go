@@ -25,7 +25,7 @@ type UsageGate interface {
 type UsageOptions struct {
 	Interval   time.Duration // how often pending usage is written; default 1m
 	MaxPending int           // keys held between writes; more are dropped and counted. Default 100000
-	BatchSize  int           // keys per write; default 1000
+	BatchSize  int           // keys per write; default 1000, or what the writer asks (UsageBatchSizer)
 	Gate       UsageGate     // optional: at most one replica writes a key per interval
 	Now        func() time.Time
 	Logger     *zap.Logger
@@ -50,12 +50,21 @@ type UsageRecorder struct {
 
 type usageShard struct {
 	mu sync.Mutex
-	m  map[string]*usageCount
+	// Counts are held by value, with no pointers: one pending key costs the
+	// garbage collector a map slot, not an object of its own.
+	m map[string]usageCount
 }
 
 type usageCount struct {
 	n    int64
-	last time.Time
+	last int64 // unix nanoseconds
+}
+
+// UsageBatchSizer is implemented by a usage writer whose writes cost the
+// same whatever their size, such as the file store, which rewrites its
+// whole file each time: it asks for another batch size than the default.
+type UsageBatchSizer interface {
+	UsageBatchSize() int // 0: everything pending in one write
 }
 
 // NewUsageRecorder writes to w.
@@ -68,6 +77,11 @@ func NewUsageRecorder(w UsageWriter, o UsageOptions) *UsageRecorder {
 	}
 	if o.BatchSize <= 0 {
 		o.BatchSize = 1000
+		if bs, ok := w.(UsageBatchSizer); ok {
+			if o.BatchSize = bs.UsageBatchSize(); o.BatchSize <= 0 {
+				o.BatchSize = o.MaxPending
+			}
+		}
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -77,30 +91,30 @@ func NewUsageRecorder(w UsageWriter, o UsageOptions) *UsageRecorder {
 	}
 	r := &UsageRecorder{w: w, opts: o, log: o.Logger, seed: maphash.MakeSeed()}
 	for i := range r.shards {
-		r.shards[i].m = map[string]*usageCount{}
+		r.shards[i].m = map[string]usageCount{}
 	}
 	return r
 }
 
 // Record counts one request of a key. It never blocks on I/O; over
 // MaxPending keys, a new key's request is dropped and counted.
-func (r *UsageRecorder) Record(keyID string) {
+func (r *UsageRecorder) Record(keyID string) { r.RecordAt(keyID, r.opts.Now()) }
+
+// RecordAt is Record for a caller that has just read the clock.
+func (r *UsageRecorder) RecordAt(keyID string, at time.Time) {
 	s := &r.shards[maphash.String(r.seed, keyID)%usageShards]
-	now := r.opts.Now()
+	now := at.UnixNano()
 	s.mu.Lock()
-	if c := s.m[keyID]; c != nil {
-		c.n++
-		c.last = now
-		s.mu.Unlock()
-		return
-	}
-	if r.pending.Load() >= int64(r.opts.MaxPending) {
+	c, ok := s.m[keyID]
+	if !ok && r.pending.Load() >= int64(r.opts.MaxPending) {
 		s.mu.Unlock()
 		r.dropped.Add(1)
 		return
 	}
-	s.m[keyID] = &usageCount{n: 1, last: now}
-	r.pending.Add(1)
+	if !ok {
+		r.pending.Add(1)
+	}
+	s.m[keyID] = usageCount{n: c.n + 1, last: max(c.last, now)}
 	s.mu.Unlock()
 }
 
@@ -145,10 +159,10 @@ func (r *UsageRecorder) take() []Usage {
 		s := &r.shards[i]
 		s.mu.Lock()
 		for id, c := range s.m {
-			out = append(out, Usage{KeyID: id, LastUsed: c.last, Requests: c.n})
+			out = append(out, Usage{KeyID: id, LastUsed: time.Unix(0, c.last), Requests: c.n})
 		}
 		r.pending.Add(-int64(len(s.m)))
-		s.m = make(map[string]*usageCount, len(s.m))
+		s.m = make(map[string]usageCount, len(s.m))
 		s.mu.Unlock()
 	}
 	return out
@@ -159,15 +173,11 @@ func (r *UsageRecorder) putBack(us []Usage) {
 	for _, u := range us {
 		s := &r.shards[maphash.String(r.seed, u.KeyID)%usageShards]
 		s.mu.Lock()
-		if c := s.m[u.KeyID]; c != nil {
-			c.n += u.Requests
-			if u.LastUsed.After(c.last) {
-				c.last = u.LastUsed
-			}
-		} else {
-			s.m[u.KeyID] = &usageCount{n: u.Requests, last: u.LastUsed}
+		c, ok := s.m[u.KeyID]
+		if !ok {
 			r.pending.Add(1)
 		}
+		s.m[u.KeyID] = usageCount{n: c.n + u.Requests, last: max(c.last, u.LastUsed.UnixNano())}
 		s.mu.Unlock()
 	}
 }

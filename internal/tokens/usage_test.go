@@ -199,3 +199,40 @@ func BenchmarkUsageRecord(b *testing.B) {
 		r.Record("3f6c1a52-9b1e-4d7a-8f0e-2c4b6d8e0a1b")
 	}
 }
+
+// wholeSink asks for all pending usage in one write, as the file store does.
+type wholeSink struct{ usageSink }
+
+func (*wholeSink) UsageBatchSize() int { return 0 }
+
+// A writer's own batch size applies unless the options set one.
+func TestUsageWriterBatchSize(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		w       interface{ batchCount() int }
+		opts    UsageOptions
+		batches int
+	}{
+		{"default", &usageSink{}, UsageOptions{}, 3},
+		{"writer asks for one", &wholeSink{}, UsageOptions{}, 1},
+		{"options win", &wholeSink{}, UsageOptions{BatchSize: 500}, 5},
+	} {
+		r := NewUsageRecorder(tc.w.(UsageWriter), tc.opts)
+		for i := range 2500 {
+			r.Record(fmt.Sprint("k", i))
+		}
+		if err := r.Flush(context.Background(), true); err != nil {
+			t.Fatal(err)
+		}
+		if got := tc.w.batchCount(); got != tc.batches {
+			t.Errorf("%s: %d writes for 2,500 keys, want %d", tc.name, got, tc.batches)
+		}
+	}
+}
+
+func (s *usageSink) batchCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.batches)
+}

@@ -45,7 +45,10 @@ type Store struct {
 	loadErr  atomic.Pointer[error] // last reload failure, nil when healthy
 }
 
-var _ tokens.Store = (*Store)(nil)
+var (
+	_ tokens.Store           = (*Store)(nil)
+	_ tokens.UsageBatchSizer = (*Store)(nil)
+)
 
 type stamp struct {
 	exists bool
@@ -265,6 +268,11 @@ func (s *Store) Delete(_ context.Context, id string) error {
 		return nil, tokens.ErrNotFound
 	})
 }
+
+// UsageBatchSize implements tokens.UsageBatchSizer: every write rewrites
+// (and every server re-reads) the whole key file, so pending usage is
+// written at once, not in batches.
+func (s *Store) UsageBatchSize() int { return 0 }
 
 // RecordUsage implements tokens.Store.
 func (s *Store) RecordUsage(_ context.Context, usage []tokens.Usage) error {
