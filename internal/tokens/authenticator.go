@@ -236,7 +236,7 @@ func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time)
 			// unknown public key from a known one.
 			a.hasher.Verify("", c.secret, nil)
 		}
-		return &decision{err: ErrUnknown}, nil
+		return newDecision(Principal{}, ErrUnknown), nil
 	case err != nil:
 		a.stats.StoreErrors.Add(1)
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
@@ -324,16 +324,16 @@ func (a *Authenticator) judge(key *Key, c Credential, now time.Time) *decision {
 		secret = c.secret
 	}
 	if key.Kind != c.kind || !a.hasher.Verify(key.PepperID, secret, key.Digest) {
-		return &decision{err: ErrUnknown}
+		return newDecision(Principal{}, ErrUnknown)
 	}
-	d := &decision{p: principalOf(key)}
+	var err error
 	switch key.Status(now) {
 	case "revoked":
-		d.err = ErrRevoked
+		err = ErrRevoked
 	case "expired":
-		d.err = ErrExpired
+		err = ErrExpired
 	}
-	return d
+	return newDecision(principalOf(key), err)
 }
 
 // deadlines are when d stops being fresh and stops being usable at all:

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"sync"
 	"sync/atomic"
+	"unsafe"
 )
 
 // decision is what a credential digest resolves to: an allow (err nil), or
@@ -14,6 +15,19 @@ import (
 type decision struct {
 	p   Principal
 	err error
+	// id holds p.KeyID's bytes when they fit (a generated id is a
+	// 36-character UUID), so that a decision is one object, not two.
+	id [36]byte
+}
+
+// newDecision returns a decision holding its key id inline when it fits.
+func newDecision(p Principal, err error) *decision {
+	d := &decision{p: p, err: err}
+	if n := len(p.KeyID); n > 0 && n <= len(d.id) {
+		copy(d.id[:], p.KeyID)
+		d.p.KeyID = unsafe.String(&d.id[0], n)
+	}
+	return d
 }
 
 // Lookup states of the cache.
@@ -29,31 +43,45 @@ const cacheShards = 32
 // with per-entry freshness and staleness deadlines. It runs no goroutines.
 // Eviction is SIEVE per shard: a hit only sets a bit under a read lock,
 // and the eviction hand spares entries hit since it last passed.
+//
+// Entries live in chunked arrays linked by index, and the map holds
+// indexes: besides the decisions themselves, the cache gives the garbage
+// collector no objects to chase and no map to scan. At 100,000 keys the
+// collector's mark phase is what lengthens a check's tail latency.
 type Cache struct {
 	shards  [cacheShards]cacheShard
 	evicted atomic.Uint64
 }
 
+// none is the null entry index.
+const none = -1
+
+// chunkBits sizes the chunks a shard's entries are allocated in: grown on
+// demand, never moved, less than one chunk of slack per shard.
+const chunkBits = 10
+
 type cacheShard struct {
 	mu sync.RWMutex
 	// m is indexed by 64 bits of the digest, not the whole 32 bytes, to keep
-	// a map slot at 16 bytes instead of 40. The entry holds the full digest
-	// and every lookup compares it: two credentials whose digests share
-	// those 64 bits merely compete for one slot (a miss, or an eviction);
-	// one can never be answered with the other's decision.
-	m          map[uint64]*cacheEntry
-	head, tail *cacheEntry // head is newest
-	hand       *cacheEntry
-	capacity   int
+	// a map slot small. The entry holds the full digest and every lookup
+	// compares it: two credentials whose digests share those 64 bits merely
+	// compete for one slot (a miss, or an eviction); one can never be
+	// answered with the other's decision.
+	m                map[uint64]int32
+	chunks           [][]cacheEntry
+	used             int32 // entries ever allocated
+	free             int32 // removed entries, linked through next
+	head, tail, hand int32 // head is newest
+	capacity         int
 }
 
 type cacheEntry struct {
 	key        Digest
-	val        *decision
-	freshUntil int64 // unix nanoseconds
+	val        *decision // nil when free
+	freshUntil int64     // unix nanoseconds
 	staleUntil int64
+	prev, next int32 // prev is toward head (newer)
 	visited    atomic.Bool
-	prev, next *cacheEntry // prev is toward head (newer)
 }
 
 // NewCache holds at most size entries (at least one per shard).
@@ -64,8 +92,10 @@ func NewCache(size int) *Cache {
 		per = 1
 	}
 	for i := range c.shards {
-		c.shards[i].m = make(map[uint64]*cacheEntry, per)
-		c.shards[i].capacity = per
+		s := &c.shards[i]
+		s.m = make(map[uint64]int32, per)
+		s.capacity = per
+		s.free, s.head, s.tail, s.hand = none, none, none, none
 	}
 	return c
 }
@@ -76,12 +106,21 @@ func (c *Cache) shard(k *Digest) *cacheShard { return &c.shards[k[0]%cacheShards
 // that picks the shard.
 func slot(k *Digest) uint64 { return binary.LittleEndian.Uint64(k[8:16]) }
 
+func (s *cacheShard) at(i int32) *cacheEntry {
+	return &s.chunks[i>>chunkBits][i&(1<<chunkBits-1)]
+}
+
 // get returns the decision for k at now (unix nanoseconds) and its state.
 func (c *Cache) get(k Digest, now int64) (*decision, int) {
 	s := c.shard(&k)
 	s.mu.RLock()
-	e := s.m[slot(&k)]
-	if e == nil || e.key != k {
+	i, ok := s.m[slot(&k)]
+	if !ok {
+		s.mu.RUnlock()
+		return nil, cacheMiss
+	}
+	e := s.at(i)
+	if e.key != k {
 		s.mu.RUnlock()
 		return nil, cacheMiss
 	}
@@ -105,70 +144,93 @@ func (c *Cache) put(k Digest, d *decision, freshUntil, staleUntil int64) {
 	s := c.shard(&k)
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if e := s.m[slot(&k)]; e != nil {
-		if e.key == k {
+	if i, ok := s.m[slot(&k)]; ok {
+		if e := s.at(i); e.key == k {
 			e.val, e.freshUntil, e.staleUntil = d, freshUntil, staleUntil
 			return
 		}
-		s.remove(e) // another digest in the same slot: the newer one wins
+		s.remove(i) // another digest in the same slot: the newer one wins
 	}
 	for len(s.m) >= s.capacity {
 		s.evict()
 		c.evicted.Add(1)
 	}
-	e := &cacheEntry{key: k, val: d, freshUntil: freshUntil, staleUntil: staleUntil}
-	e.next = s.head
-	if s.head != nil {
-		s.head.prev = e
+	i := s.alloc()
+	e := s.at(i)
+	e.key, e.val, e.freshUntil, e.staleUntil = k, d, freshUntil, staleUntil
+	e.visited.Store(false)
+	e.prev, e.next = none, s.head
+	if s.head != none {
+		s.at(s.head).prev = i
 	}
-	s.head = e
-	if s.tail == nil {
-		s.tail = e
+	s.head = i
+	if s.tail == none {
+		s.tail = i
 	}
-	s.m[slot(&k)] = e
+	s.m[slot(&k)] = i
+}
+
+// alloc returns a free entry index, growing the shard by a chunk if needed.
+func (s *cacheShard) alloc() int32 {
+	if i := s.free; i != none {
+		s.free = s.at(i).next
+		return i
+	}
+	if int(s.used)>>chunkBits == len(s.chunks) {
+		// used never exceeds capacity (live + free = used, and a new
+		// index is taken only with no free one and room left), so the
+		// last chunk is cut to what capacity can still use.
+		s.chunks = append(s.chunks, make([]cacheEntry, min(1<<chunkBits, s.capacity-int(s.used))))
+	}
+	i := s.used
+	s.used++
+	return i
 }
 
 // evict removes one entry: the first from the hand toward the head that
 // was not visited since the hand last passed it.
 func (s *cacheShard) evict() {
-	o := s.hand
-	if o == nil {
-		o = s.tail
+	i := s.hand
+	if i == none {
+		i = s.tail
 	}
-	for o.visited.Load() {
-		o.visited.Store(false)
-		if o = o.prev; o == nil {
-			o = s.tail
+	for e := s.at(i); e.visited.Load(); e = s.at(i) {
+		e.visited.Store(false)
+		if i = e.prev; i == none {
+			i = s.tail
 		}
 	}
-	s.hand = o.prev
-	s.remove(o)
+	s.hand = s.at(i).prev
+	s.remove(i)
 }
 
-func (s *cacheShard) remove(e *cacheEntry) {
-	if s.hand == e {
+func (s *cacheShard) remove(i int32) {
+	e := s.at(i)
+	if s.hand == i {
 		s.hand = e.prev
 	}
-	if e.prev != nil {
-		e.prev.next = e.next
+	if e.prev != none {
+		s.at(e.prev).next = e.next
 	} else {
 		s.head = e.next
 	}
-	if e.next != nil {
-		e.next.prev = e.prev
+	if e.next != none {
+		s.at(e.next).prev = e.prev
 	} else {
 		s.tail = e.prev
 	}
-	e.prev, e.next = nil, nil
 	delete(s.m, slot(&e.key))
+	// Free: the decision can be collected, and the index reused.
+	e.val, e.prev, e.next = nil, none, s.free
+	s.free = i
 }
 
 // drop removes the entry for k, if any.
 func (c *Cache) drop(k Digest) {
 	s := c.shard(&k)
 	s.mu.Lock()
-	if e := s.m[slot(&k)]; e != nil && e.key == k {
-		s.remove(e)
+	if i, ok := s.m[slot(&k)]; ok && s.at(i).key == k {
+		s.remove(i)
 	}
 	s.mu.Unlock()
 }
@@ -181,13 +243,14 @@ func (c *Cache) dropWhere(match func(*decision) bool) int {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		for e := s.head; e != nil; {
+		for j := s.head; j != none; {
+			e := s.at(j)
 			next := e.next
 			if match(e.val) {
-				s.remove(e)
+				s.remove(j)
 				n++
 			}
-			e = next
+			j = next
 		}
 		s.mu.Unlock()
 	}

@@ -3,8 +3,10 @@ package tokens
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"strings"
 	"sync"
 	"testing"
+	"unsafe"
 )
 
 func digestOf(i int) Digest {
@@ -88,18 +90,30 @@ func TestCacheConcurrent(t *testing.T) {
 	if c.Len() > 500+cacheShards {
 		t.Fatalf("len %d over bound", c.Len())
 	}
-	// The linked lists and maps agree.
+	// The linked lists, the maps and the free lists agree.
 	for i := range c.shards {
 		s := &c.shards[i]
-		n := 0
-		for e := s.head; e != nil; e = e.next {
-			if s.m[slot(&e.key)] != e {
-				t.Fatal("list entry not in map")
+		n, prev := 0, int32(none)
+		for j := s.head; j != none; j = s.at(j).next {
+			e := s.at(j)
+			if s.m[slot(&e.key)] != j || e.prev != prev || e.val == nil {
+				t.Fatal("list entry not in map, or links broken")
 			}
+			prev = j
 			n++
 		}
-		if n != len(s.m) {
+		if n != len(s.m) || prev != s.tail {
 			t.Fatalf("shard %d: list %d, map %d", i, n, len(s.m))
+		}
+		free := 0
+		for j := s.free; j != none; j = s.at(j).next {
+			if s.at(j).val != nil {
+				t.Fatal("free entry holds a decision")
+			}
+			free++
+		}
+		if n+free != int(s.used) {
+			t.Fatalf("shard %d: %d listed + %d free != %d allocated", i, n, free, s.used)
 		}
 	}
 }
@@ -128,5 +142,20 @@ func TestCacheSlotCollision(t *testing.T) {
 	c.drop(a) // must not remove b
 	if _, st := c.get(b, 0); st != cacheFresh || c.Len() != 1 {
 		t.Fatal("dropping a removed b")
+	}
+}
+
+// A decision keeps its key id inline when it fits, and equal either way.
+func TestNewDecisionKeyID(t *testing.T) {
+	t.Parallel()
+	for _, id := range []string{"", "k", strings.Repeat("x", 36), strings.Repeat("y", 37)} {
+		d := newDecision(Principal{KeyID: id, TenantID: "t"}, nil)
+		if d.p.KeyID != id || d.p.TenantID != "t" {
+			t.Fatalf("id %q: got %q", id, d.p.KeyID)
+		}
+		inline := len(id) > 0 && unsafe.StringData(d.p.KeyID) == &d.id[0]
+		if inline != (len(id) > 0 && len(id) <= len(d.id)) {
+			t.Fatalf("id of %d bytes: inline = %v", len(id), inline)
+		}
 	}
 }

@@ -74,9 +74,9 @@ func (d *decision) shared(fresh, stale int64) *SharedEntry {
 }
 
 func (e *SharedEntry) decision() *decision {
-	d := &decision{err: e.Outcome.err()}
+	var p Principal
 	if e.KeyID != "" {
-		d.p = principalOf(&Key{ID: e.KeyID, TenantID: e.TenantID, Scopes: e.Scopes, ExpiresAt: e.ExpiresAt})
+		p = principalOf(&Key{ID: e.KeyID, TenantID: e.TenantID, Scopes: e.Scopes, ExpiresAt: e.ExpiresAt})
 	}
-	return d
+	return newDecision(p, e.Outcome.err())
 }
