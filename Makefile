@@ -42,6 +42,8 @@ e2e-caddy: ## build Caddy from the Go module proxy and run the forward_auth end-
 fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzExtract$$' -fuzztime $(FUZZTIME) ./internal/tokens
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZTIME) ./internal/authz
+	$(GO) test -run '^$$' -fuzz '^FuzzWireRequest$$' -fuzztime $(FUZZTIME) ./internal/authz
+	$(GO) test -run '^$$' -fuzz '^FuzzAllowEncoding$$' -fuzztime $(FUZZTIME) ./internal/authz
 
 .PHONY: bench
 bench: ## Go benchmarks with allocations, BENCHCOUNT runs each (compare with benchstat)

@@ -49,6 +49,8 @@ type Config struct {
 
 	LogLevel zapcore.Level
 	Pprof    bool // /debug/pprof/ on the admin address
+	// GRPCCodec is "lean" (the default) or "proto", the stock decoder.
+	GRPCCodec string
 }
 
 func defaultConfig() Config {
@@ -62,6 +64,7 @@ func defaultConfig() Config {
 		HTTPPrefix:        "/check",
 		CredentialSources: tokens.DefaultSources,
 		StripCredential:   true,
+		GRPCCodec:         "lean",
 		Realm:             "extauthz",
 		CacheSize:         100000,
 		CacheTTL:          5 * time.Minute,
@@ -252,6 +255,14 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		}
 		c.Pprof = b
 	}
+	if v, ok := get("GRPC_CODEC"); ok {
+		switch v {
+		case "lean", "proto":
+			c.GRPCCodec = v
+		default:
+			bad("GRPC_CODEC", "%q is not lean or proto", v)
+		}
+	}
 	if v, ok := get("STRIP_CREDENTIAL"); ok {
 		b, err := strconv.ParseBool(v)
 		if err != nil {
@@ -309,7 +320,7 @@ var known = map[string]bool{
 	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
-	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true,
+	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

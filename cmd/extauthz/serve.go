@@ -85,6 +85,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		Logger:          log.Named("authz"),
 		Observer:        observer,
 		Usage:           usage,
+		ProtoCodec:      cfg.GRPCCodec == "proto",
 	})
 	health := authz.NewHealth()
 

@@ -16,9 +16,10 @@ import (
 	"github.com/extauthz/extauthz/internal/tokens"
 )
 
-// Authenticator resolves a credential; *tokens.Authenticator is one.
+// Authenticator resolves a credential at a time; *tokens.Authenticator is
+// one.
 type Authenticator interface {
-	Authenticate(ctx context.Context, c tokens.Credential) (tokens.Result, error)
+	AuthenticateAt(ctx context.Context, c tokens.Credential, now time.Time) (tokens.Result, error)
 }
 
 // Reason is the outcome of a check.
@@ -82,6 +83,23 @@ func (r Reason) ErrorName() string {
 // public route, where no key is checked, they are removed instead.
 var identityHeaders = []string{HeaderTenant, HeaderKeyID, HeaderScopes}
 
+// identity lists the headers an allow sets for the upstream, n of them:
+// the tenant, the key id, and the scopes only when the key has some
+// (removals then drops the header instead).
+func identity(p *tokens.Principal) (h [3][2]string, n int) {
+	h = [3][2]string{{HeaderTenant, p.TenantID}, {HeaderKeyID, p.KeyID}, {HeaderScopes, p.ScopesHeader}}
+	if p.ScopesHeader == "" {
+		return h, 2
+	}
+	return h, 3
+}
+
+// allowMetadata is an allow's dynamic metadata, all strings: Envoy's
+// rate-limit actions match only strings.
+func allowMetadata(p *tokens.Principal) [3][2]string {
+	return [3][2]string{{"tenant_id", p.TenantID}, {"key_id", p.KeyID}, {"scopes", p.ScopesHeader}}
+}
+
 // removals appends to dst the request headers an allow removes: the
 // credential header (EXTAUTHZ_STRIP_CREDENTIAL), and the scopes header when
 // the key has no scopes, so that it is never sent empty nor passed on from
@@ -119,12 +137,12 @@ type Observer interface {
 // carried it.
 type Request struct {
 	HasHTTP bool // false for Envoy's network (TCP) filter
-	Header  tokens.HeaderFunc
+	Header  tokens.Headers
 	Method  string
 	Host    string
 	Path    string // as sent, query included
 	Scopes  string // comma-separated scopes from the route's context_extensions
-	ID      string // request id, for logs
+	ID      string // request id, for logs; "": the x-request-id header
 }
 
 // Decision is the outcome of a check.
@@ -146,12 +164,15 @@ type Options struct {
 	Logger          *zap.Logger
 	Observer        Observer // nil: none
 	Usage           Usage    // nil: usage is not recorded
+	// ProtoCodec serves gRPC with the stock protobuf codec instead of the
+	// lean decoder and encoder: slower, kept to compare and as a fallback.
+	ProtoCodec bool
 }
 
-// Usage records that a key was used; *tokens.UsageRecorder is one. It must
-// not block.
+// Usage records that a key was used at a time; *tokens.UsageRecorder is
+// one. It must not block.
 type Usage interface {
-	Record(keyID string)
+	RecordAt(keyID string, at time.Time)
 }
 
 // Service decides checks. It is safe for concurrent use.
@@ -159,8 +180,9 @@ type Service struct {
 	auth Authenticator
 	opts Options
 	log  *zap.Logger
-	// denies holds one prebuilt, read-only CheckResponse per deny reason.
-	denies [numReasons]denyResponse
+	// public and denies are prebuilt, read-only responses.
+	public prebuilt
+	denies [numReasons]prebuilt
 }
 
 // NewService builds a Service.
@@ -175,7 +197,7 @@ func NewService(a Authenticator, o Options) *Service {
 		o.Logger = zap.NewNop()
 	}
 	s := &Service{auth: a, opts: o, log: o.Logger}
-	s.buildDenies()
+	s.buildResponses()
 	return s
 }
 
@@ -185,7 +207,7 @@ func NewService(a Authenticator, o Options) *Service {
 // the caller gave up); Decision.Reason is then Unavailable.
 func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
 	start := time.Now()
-	d, err := s.decide(ctx, req)
+	d, err := s.decide(ctx, req, start)
 	elapsed := time.Since(start)
 	if s.opts.Observer != nil {
 		s.opts.Observer.Observe(d.Reason, elapsed)
@@ -194,7 +216,7 @@ func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
 	return d, err
 }
 
-func (s *Service) decide(ctx context.Context, req *Request) (Decision, error) {
+func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Decision, error) {
 	if !req.HasHTTP {
 		return Decision{Reason: MissingCredential}, nil
 	}
@@ -211,10 +233,13 @@ func (s *Service) decide(ctx context.Context, req *Request) (Decision, error) {
 	case err != nil:
 		return Decision{Reason: MalformedCredential, From: from}, nil
 	}
-	res, err := s.auth.Authenticate(ctx, cred)
+	res, err := s.auth.AuthenticateAt(ctx, cred, now)
 	d := Decision{From: from, Result: res}
 	switch {
 	case err == nil:
+	case errors.Is(err, tokens.ErrMalformed):
+		d.Reason = MalformedCredential
+		return d, nil
 	case errors.Is(err, tokens.ErrUnknown):
 		d.Reason = InvalidCredential
 		return d, nil
@@ -230,7 +255,7 @@ func (s *Service) decide(ctx context.Context, req *Request) (Decision, error) {
 	}
 	// The secret verified on an active key: that is a use, allowed or not.
 	if s.opts.Usage != nil {
-		s.opts.Usage.Record(res.Principal.KeyID)
+		s.opts.Usage.RecordAt(res.Principal.KeyID, now)
 	}
 	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(res.Principal, req.Scopes) {
 		d.Reason = InsufficientScope
@@ -283,8 +308,12 @@ func (s *Service) logDecision(req *Request, d Decision, err error, elapsed time.
 	if d.From != "" {
 		fields = append(fields, zap.String("credential_header", d.From))
 	}
-	if req.ID != "" {
-		fields = append(fields, zap.String("request_id", req.ID))
+	id := req.ID
+	if id == "" && req.Header != nil {
+		id, _ = req.Header.Get("x-request-id")
+	}
+	if id != "" {
+		fields = append(fields, zap.String("request_id", id))
 	}
 	if err != nil {
 		fields = append(fields, zap.Error(err))

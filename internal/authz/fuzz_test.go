@@ -1,20 +1,24 @@
 package authz
 
 import (
-	"go.uber.org/zap"
+	"bytes"
 	"strings"
 	"testing"
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/testing/protocmp"
 
 	"github.com/extauthz/extauthz/internal/tokens"
 )
 
 // FuzzCheck decodes arbitrary bytes as a CheckRequest and checks it. It must
 // never panic, every response must carry an explicit status, every denial a
-// denied_response with a 401 or 403, and no response or error may contain
-// the secret of the key the corpus knows.
+// denied_response with a 401 or 403, no response or error may contain the
+// secret of the key the corpus knows, and the served path (lean decoder and
+// encoder) must give the same answer as Service.Check.
 func FuzzCheck(f *testing.F) {
 	e := newEnv(f, Options{StripCredential: true, Logger: zap.NewNop()})
 	is := e.issue(f, tokens.IssueParams{Scopes: []string{"read"}})
@@ -57,6 +61,22 @@ func FuzzCheck(f *testing.F) {
 		out, _ := proto.Marshal(r)
 		if strings.Contains(string(out), secret) {
 			t.Fatal("secret in response")
+		}
+		// The served path, lean decoder and encoder, answers the same.
+		var w wireRequest
+		if err := w.unmarshal(bytes.Clone(b)); err != nil {
+			t.Fatalf("lean decoder rejects what the stock one accepts: %v", err)
+		}
+		lb, err := e.svc.checkWire(t.Context(), &w)
+		if err != nil {
+			t.Fatalf("lean path: rpc error with a working store: %v", err)
+		}
+		var lean authv3.CheckResponse
+		if err := proto.Unmarshal(lb.ReadOnlyData(), &lean); err != nil {
+			t.Fatalf("lean answer does not decode: %v", err)
+		}
+		if d := cmp.Diff(r, &lean, protocmp.Transform()); d != "" {
+			t.Fatalf("lean answer differs (-stock +lean):\n%s", d)
 		}
 	})
 }

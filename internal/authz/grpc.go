@@ -12,7 +12,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/structpb"
 
 	"github.com/extauthz/extauthz/internal/tokens"
@@ -38,10 +40,17 @@ type GRPC struct {
 }
 
 // NewGRPCServer returns a gRPC server with the Authorization service and
-// the standard health service registered.
+// the standard health service registered. Check reads requests with the
+// lean decoder and writes allows with the lean encoder (wire.go), unless
+// Options.ProtoCodec asks for the stock protobuf codec.
 func NewGRPCServer(svc *Service, h *Health, opts ...grpc.ServerOption) *grpc.Server {
+	desc := &authv3.Authorization_ServiceDesc
+	if !svc.opts.ProtoCodec {
+		desc = &leanAuthorizationDesc
+		opts = append([]grpc.ServerOption{grpc.ForceServerCodecV2(newLeanCodec())}, opts...)
+	}
 	srv := grpc.NewServer(opts...)
-	authv3.RegisterAuthorizationServer(srv, &GRPC{svc: svc})
+	srv.RegisterService(desc, &GRPC{svc: svc})
 	healthpb.RegisterHealthServer(srv, h.service())
 	return srv
 }
@@ -56,27 +65,36 @@ func (g *GRPC) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.Chec
 // denied_response with its HTTP status (a bare code would be a 403).
 func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.CheckResponse, error) {
 	req := checkRequest(in)
-	d, err := s.Decide(ctx, &req)
+	d, err := s.decideRPC(ctx, &req)
 	if err != nil {
-		// A store timeout wraps DeadlineExceeded too, but it is an outage,
-		// not the caller's deadline: only an unwrapped context error is.
-		if !errors.Is(err, tokens.ErrUnavailable) {
-			switch {
-			case errors.Is(err, context.Canceled):
-				return nil, status.Error(codes.Canceled, "check canceled")
-			case errors.Is(err, context.DeadlineExceeded):
-				return nil, status.Error(codes.DeadlineExceeded, "check deadline exceeded")
-			}
-		}
-		return nil, status.Error(codes.Unavailable, "key store unavailable")
+		return nil, err
 	}
 	switch d.Reason {
 	case Allowed:
 		return s.allowResponse(&d), nil
 	case AllowedPublic:
-		return s.publicResponse(), nil
+		return s.public.resp, nil
 	}
 	return s.denyResponse(&d), nil
+}
+
+// decideRPC decides a check; the error is the gRPC status of an outage.
+func (s *Service) decideRPC(ctx context.Context, req *Request) (Decision, error) {
+	d, err := s.Decide(ctx, req)
+	if err == nil {
+		return d, nil
+	}
+	// A store timeout wraps DeadlineExceeded too, but it is an outage, not
+	// the caller's deadline: only an unwrapped context error is.
+	if !errors.Is(err, tokens.ErrUnavailable) {
+		switch {
+		case errors.Is(err, context.Canceled):
+			return d, status.Error(codes.Canceled, "check canceled")
+		case errors.Is(err, context.DeadlineExceeded):
+			return d, status.Error(codes.DeadlineExceeded, "check deadline exceeded")
+		}
+	}
+	return d, status.Error(codes.Unavailable, "key store unavailable")
 }
 
 // checkRequest extracts what a check needs. Envoy's network filter sends
@@ -97,38 +115,40 @@ func checkRequest(in *authv3.CheckRequest) Request {
 	// header_map (encode_raw_headers, proxyless gRPC) wins when present.
 	if hm := h.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {
 		list := hm.GetHeaders()
-		req.Header = func(name string) (string, bool) { return headerMapGet(list, name) }
+		req.Header = tokens.HeaderFunc(func(name string) (string, bool) { return joinLines(list, headerValueLine, name) })
 	} else {
 		m := h.GetHeaders()
-		req.Header = func(name string) (string, bool) { v, ok := m[name]; return v, ok }
+		req.Header = tokens.HeaderFunc(func(name string) (string, bool) { v, ok := m[name]; return v, ok })
 	}
-	req.ID, _ = req.Header("x-request-id")
-	if req.Method == "" {
-		req.Method, _ = req.Header(":method")
-	}
-	if req.Host == "" {
-		req.Host, _ = req.Header(":authority")
-	}
-	if req.Path == "" {
-		req.Path, _ = req.Header(":path")
-	}
+	req.fillFromHeaders()
 	return req
 }
 
-// headerMapGet returns a header of a raw header list, joining repeated
-// lines with "," as Envoy's headers map does, so that duplicates are judged
-// the same way in both encodings.
-func headerMapGet(list []*corev3.HeaderValue, name string) (string, bool) {
+// fillFromHeaders reads the method, host and path from the pseudo-headers
+// where the HTTP attributes left them empty. The request id is read only
+// when a log line needs it.
+func (req *Request) fillFromHeaders() {
+	if req.Method == "" {
+		req.Method, _ = req.Header.Get(":method")
+	}
+	if req.Host == "" {
+		req.Host, _ = req.Header.Get(":authority")
+	}
+	if req.Path == "" {
+		req.Path, _ = req.Header.Get(":path")
+	}
+}
+
+// joinLines returns a header of a raw header list (header_map), joining
+// repeated lines with "," as Envoy's headers map does, so that duplicates
+// are judged the same way in both encodings. Both decoders use it.
+func joinLines[L any](lines []L, line func(L) (key, value string), name string) (string, bool) {
 	var out string
 	found := false
-	for _, hv := range list {
-		if hv.GetKey() != name {
+	for _, l := range lines {
+		k, v := line(l)
+		if k != name {
 			continue
-		}
-		v := hv.GetValue()
-		if raw := hv.GetRawValue(); len(raw) > 0 {
-			// A read-only view: the message outlives the check.
-			v = unsafe.String(unsafe.SliceData(raw), len(raw))
 		}
 		if found {
 			out += "," + v
@@ -137,6 +157,16 @@ func headerMapGet(list []*corev3.HeaderValue, name string) (string, bool) {
 		}
 	}
 	return out, found
+}
+
+// headerValueLine reads a HeaderValue: raw_value, when not empty, wins.
+func headerValueLine(hv *corev3.HeaderValue) (string, string) {
+	v := hv.GetValue()
+	if raw := hv.GetRawValue(); len(raw) > 0 {
+		// A read-only view: the message outlives the check.
+		v = unsafe.String(unsafe.SliceData(raw), len(raw))
+	}
+	return hv.GetKey(), v
 }
 
 // overwrite is the append mode of every header we set: portable across
@@ -167,17 +197,11 @@ type allowBlock struct {
 func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
 	p := d.Result.Principal
 	b := &allowBlock{}
-	set := func(i int, k, v string) {
-		b.hvs[i].Key, b.hvs[i].Value = k, v
+	hdrs, n := identity(p)
+	for i, h := range hdrs[:n] {
+		b.hvs[i].Key, b.hvs[i].Value = h[0], h[1]
 		b.opts[i].Header, b.opts[i].AppendAction = &b.hvs[i], overwrite
 		b.optPtrs[i] = &b.opts[i]
-	}
-	set(0, HeaderTenant, p.TenantID)
-	set(1, HeaderKeyID, p.KeyID)
-	n := 2
-	if p.ScopesHeader != "" {
-		set(2, HeaderScopes, p.ScopesHeader)
-		n = 3
 	}
 	remove := s.removals(b.remove[:0], d)
 	b.ok.Headers = b.optPtrs[:n]
@@ -187,7 +211,7 @@ func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
 	b.oneof.OkResponse = &b.ok
 	b.resp.Status, b.resp.HttpResponse = &b.status, &b.oneof
 
-	metadata := [3][2]string{{"tenant_id", p.TenantID}, {"key_id", p.KeyID}, {"scopes", p.ScopesHeader}}
+	metadata := allowMetadata(p)
 	b.md.Fields = make(map[string]*structpb.Value, len(metadata))
 	for i, kv := range metadata {
 		b.strs[i].StringValue = kv[1]
@@ -200,11 +224,11 @@ func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
 
 // publicResponse allows a public route: no key was checked, so no identity
 // is injected and any the client sent is removed.
-func (s *Service) publicResponse() *authv3.CheckResponse {
+func publicResponse() *authv3.CheckResponse {
 	return &authv3.CheckResponse{
 		Status: &rpcstatus.Status{Code: int32(codes.OK)},
 		HttpResponse: &authv3.CheckResponse_OkResponse{OkResponse: &authv3.OkHttpResponse{
-			HeadersToRemove: identityHeaders, // shared, read-only
+			HeadersToRemove: identityHeaders,
 		}},
 		DynamicMetadata: &structpb.Struct{Fields: map[string]*structpb.Value{
 			"reason": structpb.NewStringValue(AllowedPublic.String()),
@@ -212,18 +236,31 @@ func (s *Service) publicResponse() *authv3.CheckResponse {
 	}
 }
 
-type denyResponse struct {
+// prebuilt is a read-only response built once, with its encoding for the
+// lean encoder.
+type prebuilt struct {
 	resp *authv3.CheckResponse
+	wire mem.Buffer
 }
 
-// buildDenies prebuilds one read-only response per deny reason: denials
-// are the cheap path, since they are what a flood of bad keys costs.
-func (s *Service) buildDenies() {
+func newPrebuilt(r *authv3.CheckResponse) prebuilt {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+	if err != nil {
+		panic(err) // a message built from constants
+	}
+	return prebuilt{resp: r, wire: mem.SliceBuffer(b)}
+}
+
+// buildResponses prebuilds the public allow and one response per deny
+// reason: denials are the cheap path, since they are what a flood of bad
+// keys costs.
+func (s *Service) buildResponses() {
+	s.public = newPrebuilt(publicResponse())
 	for _, r := range Reasons() {
 		if r.Allow() || r == Unavailable {
 			continue
 		}
-		s.denies[r] = denyResponse{resp: s.buildDeny(r, "", "")}
+		s.denies[r] = newPrebuilt(s.buildDeny(r, "", ""))
 	}
 }
 

@@ -3,6 +3,8 @@ package authz
 import (
 	"net/http"
 	"strings"
+
+	"github.com/extauthz/extauthz/internal/tokens"
 )
 
 // HeaderRemove is Envoy's http_service header naming request headers to
@@ -43,7 +45,7 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 		}
 		req := Request{
 			HasHTTP: true,
-			Header: func(name string) (string, bool) {
+			Header: tokens.HeaderFunc(func(name string) (string, bool) {
 				vs := r.Header.Values(name)
 				if len(vs) == 0 {
 					return "", false
@@ -51,7 +53,7 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 				// Repeated lines joined as Envoy joins them, so they are
 				// rejected the same way.
 				return strings.Join(vs, ","), true
-			},
+			}),
 			ID: r.Header.Get("x-request-id"),
 		}
 		if rest == "" || rest[0] == '?' {
@@ -90,11 +92,9 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request, req *Request
 		w.WriteHeader(http.StatusServiceUnavailable)
 		w.Write([]byte(`{"error":"unavailable","reason":"unavailable"}`))
 	case d.Reason == Allowed:
-		p := d.Result.Principal
-		h.Set(HeaderTenant, p.TenantID)
-		h.Set(HeaderKeyID, p.KeyID)
-		if p.ScopesHeader != "" {
-			h.Set(HeaderScopes, p.ScopesHeader)
+		hdrs, n := identity(d.Result.Principal)
+		for _, kv := range hdrs[:n] {
+			h.Set(kv[0], kv[1])
 		}
 		if remove := s.removals(nil, &d); len(remove) > 0 {
 			h.Set(HeaderRemove, strings.Join(remove, ", "))

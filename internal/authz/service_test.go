@@ -3,6 +3,7 @@ package authz
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +11,8 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"github.com/google/go-cmp/cmp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/testing/protocmp"
@@ -336,5 +339,27 @@ func TestWWWAuthenticate(t *testing.T) {
 		if got := WWWAuthenticate("api", r); got != want {
 			t.Errorf("%v: %q, want %q", r, got, want)
 		}
+	}
+}
+
+// A denial is logged with its reason and request id, never the credential.
+func TestDenialLog(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zap.InfoLevel)
+	e := newEnv(t, Options{Logger: zap.New(core)})
+	const cred = "tk_notarealtokennotarealtoken"
+	if _, err := e.svc.Check(ctx(t), httpReq(map[string]string{"authorization": "Bearer " + cred})); err != nil {
+		t.Fatal(err)
+	}
+	entries := logs.All()
+	if len(entries) != 1 {
+		t.Fatalf("%d log entries, want 1", len(entries))
+	}
+	f := entries[0].ContextMap()
+	if f["request_id"] != "r-1" || f["reason"] == nil || f["credential_header"] != "authorization" {
+		t.Fatalf("fields = %v", f)
+	}
+	if strings.Contains(fmt.Sprint(f), cred) {
+		t.Fatal("credential logged")
 	}
 }

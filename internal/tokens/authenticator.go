@@ -128,13 +128,20 @@ type Result struct {
 }
 
 // Authenticate resolves c. It returns a Result with a nil error for an
-// allowed credential; ErrUnknown, ErrRevoked or ErrExpired for a denial;
+// allowed credential; ErrMalformed (a checksum that does not match, found
+// before any lookup), ErrUnknown, ErrRevoked or ErrExpired for a denial;
 // or an error wrapping ErrUnavailable (or the context's error) when no
 // decision could be reached.
 func (a *Authenticator) Authenticate(ctx context.Context, c Credential) (Result, error) {
+	return a.AuthenticateAt(ctx, c, a.opts.Now())
+}
+
+// AuthenticateAt is Authenticate for a caller that has just read the
+// clock: now judges the freshness of cached decisions (reading the clock
+// costs as much as a cache lookup here).
+func (a *Authenticator) AuthenticateAt(ctx context.Context, c Credential, now time.Time) (Result, error) {
 	k := a.hasher.Digest(c.raw)
-	now := a.opts.Now().UnixNano()
-	d, state := a.cache.get(k, now)
+	d, state := a.cache.get(k, now.UnixNano())
 	if state == cacheFresh {
 		if d.err != nil {
 			a.stats.CacheNegativeHits.Add(1)
@@ -142,6 +149,11 @@ func (a *Authenticator) Authenticate(ctx context.Context, c Credential) (Result,
 			a.stats.CacheHits.Add(1)
 		}
 		return d.result(), d.err
+	}
+	// Only a credential whose checksums match was ever cached: they are
+	// verified here, before anything is looked up, rather than on each hit.
+	if !c.checksumsValid() {
+		return Result{}, ErrMalformed
 	}
 	a.stats.CacheMisses.Add(1)
 	return a.miss(ctx, k, c, d, state)

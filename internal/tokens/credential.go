@@ -2,6 +2,7 @@ package tokens
 
 import (
 	"encoding/base64"
+	"encoding/binary"
 	"strings"
 )
 
@@ -13,7 +14,10 @@ import (
 //
 // The prefixes pk_, sk_ and tk_ followed by base62 only are reserved for
 // generated credentials: such a value must carry a valid checksum, so typos
-// and garbage are rejected before any hashing, cache or store access.
+// and garbage are rejected before any store access. On a request, the
+// Extractor checks the shape, and the Authenticator the checksums once the
+// cache has no answer: a cached decision proves its credential's checksums,
+// so a cache hit skips them (CRC-32 is a tenth of a hit's cost).
 const (
 	PublicPrefix = "pk_"
 	SecretPrefix = "sk_"
@@ -41,6 +45,9 @@ type Credential struct {
 	raw    string // the whole credential as presented
 	public string // pk_..., pairs only
 	secret string // sk_..., pairs only
+	// unsummed: the checksums of a generated credential are not verified
+	// yet (see checksumsValid).
+	unsummed bool
 }
 
 // Kind is KindPair or KindToken.
@@ -59,24 +66,43 @@ func (c Credential) MarshalJSON() ([]byte, error) {
 
 // ParseCredential parses the credential itself (no scheme): a pair or a
 // token. It returns ErrMalformed for anything else.
-func ParseCredential(s string) (Credential, error) {
+func ParseCredential(s string) (Credential, error) { return parseCredential(s, true) }
+
+// checksumsValid verifies the checksums parseCredential left unverified.
+func (c Credential) checksumsValid() bool {
+	switch {
+	case !c.unsummed:
+		return true
+	case c.kind == KindPair:
+		return checksumOK(c.public) && checksumOK(c.secret)
+	}
+	return checksumOK(c.raw)
+}
+
+func checksumOK(s string) bool {
+	return checksumMatches(s[:len(s)-checksumLen], s[len(s)-checksumLen:])
+}
+
+// parseCredential is ParseCredential; without sums, a generated
+// credential's checksums are left to checksumsValid.
+func parseCredential(s string, sums bool) (Credential, error) {
 	if len(s) == 0 || len(s) > MaxHeaderLen {
 		return Credential{}, ErrMalformed
 	}
 	if i := strings.IndexByte(s, ':'); i >= 0 {
 		pub, sec := s[:i], s[i+1:]
 		if len(pub) > maxPartLen || len(sec) > maxPartLen ||
-			!validGenerated(pub, PublicPrefix, publicRandLen) ||
-			!validGenerated(sec, SecretPrefix, secretRandLen) {
+			!validGenerated(pub, PublicPrefix, publicRandLen, sums) ||
+			!validGenerated(sec, SecretPrefix, secretRandLen, sums) {
 			return Credential{}, ErrMalformed
 		}
-		return Credential{kind: KindPair, raw: s, public: pub, secret: sec}, nil
+		return Credential{kind: KindPair, raw: s, public: pub, secret: sec, unsummed: !sums}, nil
 	}
 	if reservedShape(s) {
 		// Half a pair is not a credential; a generated token must check out.
 		if strings.HasPrefix(s, TokenPrefix) && len(s) <= maxPartLen &&
-			validGenerated(s, TokenPrefix, tokenRandLen) {
-			return Credential{kind: KindToken, raw: s}, nil
+			validGenerated(s, TokenPrefix, tokenRandLen, sums) {
+			return Credential{kind: KindToken, raw: s, unsummed: !sums}, nil
 		}
 		return Credential{}, ErrMalformed
 	}
@@ -110,9 +136,9 @@ func reservedShape(s string) bool {
 	return true
 }
 
-// validGenerated checks prefix, length, alphabet and checksum of one
-// generated part.
-func validGenerated(s, prefix string, minRand int) bool {
+// validGenerated checks prefix, length, alphabet and (with sum) checksum of
+// one generated part.
+func validGenerated(s, prefix string, minRand int, sum bool) bool {
 	if !strings.HasPrefix(s, prefix) || len(s) < len(prefix)+minRand+checksumLen {
 		return false
 	}
@@ -121,23 +147,70 @@ func validGenerated(s, prefix string, minRand int) bool {
 			return false
 		}
 	}
-	body := s[:len(s)-checksumLen]
-	return checksumMatches(body, s[len(s)-checksumLen:])
+	return !sum || checksumOK(s)
 }
 
-func isBase62(c byte) bool {
-	return c >= '0' && c <= '9' || c >= 'A' && c <= 'Z' || c >= 'a' && c <= 'z'
+// Character classes, as a table: every credential byte is checked on the
+// hot path.
+const (
+	classBase62 = 1 << iota
+	classToken  // RFC 6750 b64token
+	classHeader // printable ASCII, what a credential header may hold
+)
+
+var charClass = func() (t [256]uint8) {
+	for c := 0x20; c <= 0x7e; c++ {
+		t[c] |= classHeader
+	}
+	for _, r := range "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" {
+		t[r] |= classBase62 | classToken
+	}
+	for _, r := range "-._~+/=" {
+		t[r] |= classToken
+	}
+	return t
+}()
+
+// printableASCII reports whether every byte of s is in 0x20..0x7e, eight
+// bytes at a time: a byte below 0x20 borrows into its high bit when 0x20
+// is subtracted, a byte above 0x7e carries into (or has) it when 1 is
+// added. A borrow or carry crossing into the next byte only happens when
+// the byte it came from already failed.
+func printableASCII(s string) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	i := 0
+	for ; i+8 <= len(s); i += 8 {
+		x := binary.LittleEndian.Uint64([]byte(s[i : i+8]))
+		if ((x-0x20*ones)&^x|(x+ones)|x)&highs != 0 {
+			return false
+		}
+	}
+	for ; i < len(s); i++ {
+		if charClass[s[i]]&classHeader == 0 {
+			return false
+		}
+	}
+	return true
 }
+
+func isBase62(c byte) bool { return charClass[c]&classBase62 != 0 }
 
 // isTokenChar is the RFC 6750 b64token alphabet.
-func isTokenChar(c byte) bool {
-	return isBase62(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '+' || c == '/' || c == '='
+func isTokenChar(c byte) bool { return charClass[c]&classToken != 0 }
+
+// Headers are a request's headers. Get returns the value of a header
+// (lowercase name) and whether it is present. Repeated headers must be
+// joined with "," as Envoy does, so that they are rejected like Envoy's
+// merged form.
+type Headers interface {
+	Get(name string) (string, bool)
 }
 
-// HeaderFunc returns the value of a request header (lowercase name) and
-// whether it is present. Repeated headers must be joined with "," as Envoy
-// does, so that they are rejected like Envoy's merged form.
+// HeaderFunc adapts a function to Headers.
 type HeaderFunc func(name string) (string, bool)
+
+// Get implements Headers.
+func (f HeaderFunc) Get(name string) (string, bool) { return f(name) }
 
 // Extractor finds the credential of a request in the configured headers.
 type Extractor struct {
@@ -160,12 +233,13 @@ func NewExtractor(sources []string) *Extractor {
 
 // Extract returns the credential and the header it came from, or one of
 // ErrMissing, ErrAmbiguous, ErrMalformed. It never hashes or looks anything
-// up, and never allocates on the success path.
-func (e *Extractor) Extract(get HeaderFunc) (Credential, string, error) {
+// up, and never allocates on the success path. A generated credential's
+// checksums are verified by Authenticate, before any lookup.
+func (e *Extractor) Extract(h Headers) (Credential, string, error) {
 	var value, from string
 	found := 0
 	for _, name := range e.sources {
-		v, ok := get(name)
+		v, ok := h.Get(name)
 		if !ok {
 			continue
 		}
@@ -192,17 +266,15 @@ func parseHeader(name, v string) (Credential, error) {
 	if len(v) > MaxHeaderLen {
 		return Credential{}, ErrMalformed
 	}
-	for i := 0; i < len(v); i++ {
-		if v[i] < 0x20 || v[i] > 0x7e {
-			return Credential{}, ErrMalformed
-		}
+	if !printableASCII(v) {
+		return Credential{}, ErrMalformed
 	}
 	v = strings.Trim(v, " ")
 	if v == "" {
 		return Credential{}, ErrMalformed
 	}
 	if name != "authorization" {
-		return ParseCredential(v)
+		return parseCredential(v, false)
 	}
 	sp := strings.IndexByte(v, ' ')
 	if sp < 0 {
@@ -212,7 +284,7 @@ func parseHeader(name, v string) (Credential, error) {
 	scheme, rest := v[:sp], strings.TrimLeft(v[sp:], " ")
 	switch {
 	case strings.EqualFold(scheme, "bearer"):
-		return ParseCredential(rest)
+		return parseCredential(rest, false)
 	case strings.EqualFold(scheme, "basic"):
 		return parseBasic(rest)
 	}

@@ -88,6 +88,10 @@ func TestExtract(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			c, from, err := e.Extract(headers(tc.h))
+			if err == nil && !c.checksumsValid() {
+				// What Authenticate answers before any lookup.
+				err = ErrMalformed
+			}
 			if !errors.Is(err, tc.wantErr) || (tc.wantErr == nil) != (err == nil) {
 				t.Fatalf("err = %v, want %v", err, tc.wantErr)
 			}
@@ -203,5 +207,53 @@ func TestExtractDoesNotAllocate(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("Extract allocates %v times", allocs)
+	}
+}
+
+// printableASCII agrees with a byte-by-byte check for every byte value at
+// every position of a word, and in the tail.
+func TestPrintableASCII(t *testing.T) {
+	t.Parallel()
+	naive := func(s string) bool {
+		for i := 0; i < len(s); i++ {
+			if s[i] < 0x20 || s[i] > 0x7e {
+				return false
+			}
+		}
+		return true
+	}
+	base := []byte("Bearer tk_abcdefghijklmnopq")
+	for pos := range base {
+		for c := 0; c < 256; c++ {
+			b := append([]byte(nil), base...)
+			b[pos] = byte(c)
+			for _, s := range []string{string(b), string(b[:pos+1]), string(b[pos:])} {
+				if got, want := printableASCII(s), naive(s); got != want {
+					t.Fatalf("printableASCII(%q) = %v, want %v", s, got, want)
+				}
+			}
+		}
+	}
+}
+
+// BenchmarkExtract is credential parsing alone: finding the header,
+// the scheme, and the shape of a pair, a token or a Basic pair.
+func BenchmarkExtract(b *testing.B) {
+	basic := "Basic " + base64.StdEncoding.EncodeToString([]byte(testPair))
+	for name, h := range map[string]map[string]string{
+		"bearer pair":     {"authorization": "Bearer " + testPair},
+		"x-api-key token": {"x-api-key": testToken},
+		"basic pair":      {"authorization": basic},
+	} {
+		hdr := headers(h)
+		e := NewExtractor(DefaultSources)
+		b.Run(name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, _, err := e.Extract(hdr); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

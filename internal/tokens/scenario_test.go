@@ -2,6 +2,7 @@ package tokens
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"runtime"
 	"strings"
@@ -90,8 +91,8 @@ func TestInvalidKeysStoreLookups(t *testing.T) {
 			fmt.Sprintf("bad key %d", i),
 		}
 		for _, g := range garbage {
-			if err := check(g); err == nil {
-				t.Fatalf("%q accepted", g)
+			if err := check(g); !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%q: err = %v, want ErrMalformed", g, err)
 			}
 		}
 	}

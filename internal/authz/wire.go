@@ -1,0 +1,255 @@
+package authz
+
+import (
+	"errors"
+	"unicode/utf8"
+	"unsafe"
+
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// The lean decoder reads a CheckRequest straight from the wire, keeping
+// only what a check uses. The stock decoder builds the whole message tree:
+// about 114 allocations and a quarter to a third of a grpc-go ext_authz
+// server's CPU per request, for fields nobody reads. FuzzWireRequest
+// proves it equal to the stock decoder on what it reads.
+//
+// Field numbers, from envoy/service/auth/v3 and envoy/config/core/v3.
+const (
+	fieldCheckAttributes = 1 // CheckRequest.attributes
+
+	fieldAttrRequest    = 4  // AttributeContext.request
+	fieldAttrExtensions = 10 // AttributeContext.context_extensions (map)
+
+	fieldRequestHTTP = 2 // AttributeContext.Request.http
+
+	fieldHTTPMethod    = 2  // HttpRequest.method
+	fieldHTTPHeaders   = 3  // HttpRequest.headers (map)
+	fieldHTTPPath      = 4  // HttpRequest.path
+	fieldHTTPHost      = 5  // HttpRequest.host
+	fieldHTTPHeaderMap = 13 // HttpRequest.header_map
+
+	fieldHeaderMapHeaders = 1 // HeaderMap.headers
+
+	fieldHeaderKey      = 1 // HeaderValue.key, and a map entry's key
+	fieldHeaderValue    = 2 // HeaderValue.value, and a map entry's value
+	fieldHeaderRawValue = 3 // HeaderValue.raw_value
+)
+
+var (
+	errWireMalformed = errors.New("malformed CheckRequest")
+	errWireUTF8      = errors.New("CheckRequest string field is not valid UTF-8")
+)
+
+// wireHeader is one header line, as read-only views into wireRequest.buf.
+type wireHeader struct{ key, value string }
+
+func (h wireHeader) kv() (string, string) { return h.key, h.value }
+
+// wireRequest is a CheckRequest as the lean decoder reads it. Every string
+// is a view into buf, a private copy of the message that is never written
+// after decoding, so the strings stay valid for as long as anything holds
+// them.
+type wireRequest struct {
+	buf     []byte
+	hasHTTP bool
+	method  string
+	host    string
+	path    string
+	scopes  string       // context_extensions["scopes"]
+	headers []wireHeader // the headers map, in wire order; the last of a name wins
+	lines   []wireHeader // header_map, in order
+}
+
+// reset empties w for reuse. The old views are cleared too, so that a
+// pooled request does not keep the last one's buffer, credential
+// included, reachable.
+func (w *wireRequest) reset() {
+	clear(w.headers)
+	clear(w.lines)
+	*w = wireRequest{headers: w.headers[:0], lines: w.lines[:0]}
+}
+
+// unmarshal decodes b, which w keeps. It follows protobuf's merge rules as
+// the stock decoder does: a repeated singular field's last value wins,
+// repeated occurrences of a message merge, map entries replace by key. A
+// field with an unexpected wire type is skipped, as the stock decoder keeps
+// it as an unknown field. Skipped fields are checked for wire structure
+// only; the strings read are checked for UTF-8, as proto3 requires.
+func (w *wireRequest) unmarshal(b []byte) error {
+	w.buf = b
+	return eachField(b, func(num protowire.Number, v []byte) error {
+		if num == fieldCheckAttributes {
+			return w.attributes(v)
+		}
+		return nil
+	})
+}
+
+func (w *wireRequest) attributes(b []byte) error {
+	return eachField(b, func(num protowire.Number, v []byte) error {
+		switch num {
+		case fieldAttrRequest:
+			return eachField(v, func(num protowire.Number, v []byte) error {
+				if num == fieldRequestHTTP {
+					w.hasHTTP = true
+					return w.http(v)
+				}
+				return nil
+			})
+		case fieldAttrExtensions:
+			k, val, err := mapEntry(v)
+			if err == nil && k == "scopes" {
+				w.scopes = val
+			}
+			return err
+		}
+		return nil
+	})
+}
+
+func (w *wireRequest) http(b []byte) error {
+	return eachField(b, func(num protowire.Number, v []byte) error {
+		var err error
+		switch num {
+		case fieldHTTPMethod:
+			w.method, err = str(v)
+		case fieldHTTPPath:
+			w.path, err = str(v)
+		case fieldHTTPHost:
+			w.host, err = str(v)
+		case fieldHTTPHeaders:
+			var h wireHeader
+			if h.key, h.value, err = mapEntry(v); err == nil {
+				w.headers = append(w.headers, h)
+			}
+		case fieldHTTPHeaderMap:
+			err = eachField(v, func(num protowire.Number, v []byte) error {
+				if num != fieldHeaderMapHeaders {
+					return nil
+				}
+				h, err := headerValue(v)
+				if err == nil {
+					w.lines = append(w.lines, h)
+				}
+				return err
+			})
+		}
+		return err
+	})
+}
+
+// headerValue reads a HeaderValue: raw_value, when not empty, wins over
+// value, as checkRequest reads it.
+func headerValue(b []byte) (wireHeader, error) {
+	var h wireHeader
+	var raw []byte
+	err := eachField(b, func(num protowire.Number, v []byte) error {
+		var err error
+		switch num {
+		case fieldHeaderKey:
+			h.key, err = str(v)
+		case fieldHeaderValue:
+			h.value, err = str(v)
+		case fieldHeaderRawValue:
+			raw = v // bytes: no UTF-8 rule
+		}
+		return err
+	})
+	if len(raw) > 0 {
+		h.value = view(raw)
+	}
+	return h, err
+}
+
+// mapEntry reads a map<string, string> entry; absent fields are "".
+func mapEntry(b []byte) (key, value string, err error) {
+	err = eachField(b, func(num protowire.Number, v []byte) error {
+		var err error
+		switch num {
+		case fieldHeaderKey:
+			key, err = str(v)
+		case fieldHeaderValue:
+			value, err = str(v)
+		}
+		return err
+	})
+	return key, value, err
+}
+
+// eachField calls fn with every length-delimited field of a message, and
+// checks the wire structure of every other field.
+func eachField(b []byte, fn func(num protowire.Number, v []byte) error) error {
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return errWireMalformed
+		}
+		b = b[n:]
+		if typ != protowire.BytesType {
+			n = protowire.ConsumeFieldValue(num, typ, b)
+			if n < 0 {
+				return errWireMalformed
+			}
+			b = b[n:]
+			continue
+		}
+		v, n := protowire.ConsumeBytes(b)
+		if n < 0 {
+			return errWireMalformed
+		}
+		b = b[n:]
+		if err := fn(num, v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func str(b []byte) (string, error) {
+	if !utf8.Valid(b) {
+		return "", errWireUTF8
+	}
+	return view(b), nil
+}
+
+// view is a string over b without a copy: b is part of wireRequest.buf,
+// which nothing writes after decoding.
+func view(b []byte) string {
+	if len(b) == 0 {
+		return ""
+	}
+	return unsafe.String(unsafe.SliceData(b), len(b))
+}
+
+// Get returns a request header as checkRequest does: from header_map when
+// it has lines (repeated lines joined with ","), else from the headers map.
+func (w *wireRequest) Get(name string) (string, bool) {
+	if len(w.lines) > 0 {
+		return joinLines(w.lines, wireHeader.kv, name)
+	}
+	for i := len(w.headers) - 1; i >= 0; i-- {
+		if w.headers[i].key == name {
+			return w.headers[i].value, true
+		}
+	}
+	return "", false
+}
+
+// request is what a check needs, as checkRequest extracts it from a
+// decoded CheckRequest.
+func (w *wireRequest) request() Request {
+	if !w.hasHTTP {
+		return Request{}
+	}
+	req := Request{
+		HasHTTP: true,
+		Method:  w.method,
+		Host:    w.host,
+		Path:    w.path,
+		Scopes:  w.scopes,
+		Header:  w,
+	}
+	req.fillFromHeaders()
+	return req
+}
