@@ -44,7 +44,7 @@ type Stats struct {
 	CacheHits, CacheNegativeHits, CacheMisses atomic.Uint64
 	StaleServed                               atomic.Uint64
 	StoreLookups, StoreErrors                 atomic.Uint64
-	SharedLookups                             atomic.Uint64 // misses that joined a lookup in flight
+	SharedLookups                             atomic.Uint64 // misses answered by another caller's lookup
 	Invalidated                               atomic.Uint64 // cache entries dropped by invalidation
 	SharedHits, SharedMisses, SharedErrors    atomic.Uint64
 	SharedSkipped                             atomic.Uint64 // shared tier not asked: recently failed
@@ -165,6 +165,12 @@ func (a *Authenticator) AuthenticateAt(ctx context.Context, c Credential, now ti
 func (a *Authenticator) miss(ctx context.Context, k Digest, c Credential, d *decision, state int) (Result, error) {
 	led := false // set only when this caller's function runs the lookup
 	ch := a.flights.DoChan(string(k[:]), func() (any, error) {
+		// A caller that missed the cache just as a flight for k ended
+		// starts a new one: the decision that flight cached answers it,
+		// so it shares that lookup instead of repeating it.
+		if d, state := a.cache.get(k, a.opts.Now().UnixNano()); state == cacheFresh {
+			return d, nil
+		}
 		led = true
 		// The lookup outlives any one caller: it is shared, and its result
 		// is cached for the others.

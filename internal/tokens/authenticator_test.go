@@ -329,6 +329,32 @@ func TestSingleFlight(t *testing.T) {
 	}
 }
 
+// A caller that missed the cache while another caller's flight was ending
+// joins no flight: it starts its own, which must answer from what the
+// first one cached instead of looking the key up again. Under load that
+// window is real (TestSingleFlight hit it: 4 lookups for 200 callers).
+func TestLateMissSharesFinishedLookup(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Options{})
+	f.addPair("k1", "acme")
+	cred := mustParse(t, testPair)
+	if _, err := f.a.Authenticate(context.Background(), cred); err != nil {
+		t.Fatal(err)
+	}
+	// The late caller's view: its cache read came before the first
+	// flight stored its decision.
+	res, err := f.a.miss(context.Background(), f.a.hasher.Digest(cred.raw), cred, nil, cacheMiss)
+	if err != nil || res.Principal == nil || res.TenantID != "acme" {
+		t.Fatalf("late miss = %+v, %v; want acme allowed", res, err)
+	}
+	if got := f.store.lookups.Load(); got != 1 {
+		t.Fatalf("store lookups = %d, want 1", got)
+	}
+	if got := f.a.Stats().SharedLookups.Load(); got != 1 {
+		t.Fatalf("shared = %d, want 1", got)
+	}
+}
+
 func TestCallerCancelDoesNotCancelSharedLookup(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t, Options{StoreTimeout: 5 * time.Second})
