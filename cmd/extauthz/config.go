@@ -51,6 +51,9 @@ type Config struct {
 	Pprof    bool // /debug/pprof/ on the admin address
 	// GRPCCodec is "lean" (the default) or "proto", the stock decoder.
 	GRPCCodec string
+	// GCHeadroomMB is the allocation kept between garbage collections
+	// (gc.go); 0 leaves GOGC alone.
+	GCHeadroomMB int
 }
 
 func defaultConfig() Config {
@@ -65,6 +68,7 @@ func defaultConfig() Config {
 		CredentialSources: tokens.DefaultSources,
 		StripCredential:   true,
 		GRPCCodec:         "lean",
+		GCHeadroomMB:      256,
 		Realm:             "extauthz",
 		CacheSize:         100000,
 		CacheTTL:          5 * time.Minute,
@@ -255,6 +259,13 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		}
 		c.Pprof = b
 	}
+	if v, ok := get("GC_HEADROOM_MB"); ok {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			bad("GC_HEADROOM_MB", "%q is not a number of megabytes (0: off)", v)
+		}
+		c.GCHeadroomMB = n
+	}
 	if v, ok := get("GRPC_CODEC"); ok {
 		switch v {
 		case "lean", "proto":
@@ -320,7 +331,7 @@ var known = map[string]bool{
 	"REALM": true, "ROUTES": true, "CACHE_SIZE": true, "CACHE_TTL": true, "NEGATIVE_TTL": true,
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
-	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true,
+	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true, "GC_HEADROOM_MB": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

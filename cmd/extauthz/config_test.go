@@ -61,6 +61,7 @@ func TestConfigAllSettings(t *testing.T) {
 		"EXTAUTHZ_USAGE_MAX_PENDING":  "10",
 		"EXTAUTHZ_PPROF":              "true",
 		"EXTAUTHZ_GRPC_CODEC":         "proto",
+		"EXTAUTHZ_GC_HEADROOM_MB":     "0",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -74,7 +75,7 @@ func TestConfigAllSettings(t *testing.T) {
 		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
 		StoreTimeout: 50 * time.Millisecond, ShutdownDelay: 3 * time.Second, ShutdownTimeout: 10 * time.Second,
 		LogLevel: zapcore.DebugLevel, UsageInterval: 30 * time.Second, UsageMaxPending: 10, Pprof: true,
-		GRPCCodec: "proto",
+		GRPCCodec: "proto", GCHeadroomMB: 0,
 	}
 	if d := cmp.Diff(want, c); d != "" {
 		t.Fatalf("(-want +got):\n%s", d)
@@ -109,6 +110,7 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_USAGE_MAX_PENDING":  "none",
 		"EXTAUTHZ_PPROF":              "sometimes",
 		"EXTAUTHZ_GRPC_CODEC":         "fast",
+		"EXTAUTHZ_GC_HEADROOM_MB":     "-1",
 		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
 	}
 	// Each alone fails, naming its setting.

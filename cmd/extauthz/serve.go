@@ -181,6 +181,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	// Its final write happens when bgCtx ends: after the drain, so that
 	// every check that finished is counted.
 	bg.Go(func() { usage.Run(bgCtx, cfg.ShutdownTimeout) })
+	if _, own := e.lookup("GOGC"); cfg.GCHeadroomMB > 0 && !own {
+		bg.Go(func() { tuneGC(bgCtx, uint64(cfg.GCHeadroomMB)<<20, time.Second, log) })
+	}
 
 	log.Info("serving",
 		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
