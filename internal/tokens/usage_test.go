@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"reflect"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -235,4 +237,73 @@ func (s *usageSink) batchCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.batches)
+}
+
+// Ids are held by value up to 36 bytes and as strings beyond: each id
+// keeps its own count whatever its length, trailing zero bytes included,
+// and failed writes merge back into the same entries.
+func TestUsageKeyIDLengths(t *testing.T) {
+	t.Parallel()
+	uuid := "3f6c1a52-9b1e-4d7a-8f0e-2c4b6d8e0a1b"
+	ids := []string{"", "k", "k\x00", uuid, uuid + "x", strings.Repeat("y", 200)}
+	sink := &usageSink{fail: true}
+	r := NewUsageRecorder(sink, UsageOptions{})
+	want := map[string]int64{}
+	for i, id := range ids {
+		for range i + 1 {
+			r.Record(id)
+		}
+		want[id] = int64(i + 1)
+	}
+	if r.Pending() != len(ids) {
+		t.Fatalf("pending %d, want %d", r.Pending(), len(ids))
+	}
+	if err := r.Flush(context.Background(), false); err == nil {
+		t.Fatal("flush to a failing sink succeeded")
+	}
+	for _, id := range ids {
+		r.Record(id)
+		want[id]++
+	}
+	sink.mu.Lock()
+	sink.fail = false
+	sink.mu.Unlock()
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(want, sink.totals()); d != "" {
+		t.Fatalf("(-want +got):\n%s", d)
+	}
+	if r.Pending() != 0 {
+		t.Fatalf("pending %d after a full write", r.Pending())
+	}
+}
+
+// What pending usage holds by value must stay free of pointers, or the
+// garbage collector scans every pending key again (see usageShard).
+func TestUsagePendingHoldsNoPointers(t *testing.T) {
+	t.Parallel()
+	for _, typ := range []reflect.Type{reflect.TypeFor[usageID](), reflect.TypeFor[usageCount]()} {
+		if hasPointers(typ) {
+			t.Errorf("%v holds pointers", typ)
+		}
+	}
+}
+
+func hasPointers(t reflect.Type) bool {
+	switch t.Kind() {
+	case reflect.Array:
+		return t.Len() > 0 && hasPointers(t.Elem())
+	case reflect.Struct:
+		for i := range t.NumField() {
+			if hasPointers(t.Field(i).Type) {
+				return true
+			}
+		}
+		return false
+	case reflect.Pointer, reflect.UnsafePointer, reflect.String, reflect.Slice, reflect.Map,
+		reflect.Chan, reflect.Func, reflect.Interface:
+		return true
+	}
+	return false
 }
