@@ -87,7 +87,7 @@ func (s *Service) checkWire(ctx context.Context, w *wireRequest) (mem.Buffer, er
 	switch d.Reason {
 	case Allowed:
 		var rm [2]string
-		return encodeAllow(d.Result.Principal, s.removals(rm[:0], &d)), nil
+		return encodeAllow(&d.Result.Principal, s.removals(rm[:0], &d)), nil
 	case AllowedPublic:
 		return s.public.wire, nil
 	}

@@ -29,10 +29,10 @@ func FuzzAllowEncoding(f *testing.F) {
 		}
 		svc := &Service{opts: Options{StripCredential: strip}}
 		d := Decision{Reason: Allowed, From: from, Result: tokens.Result{
-			Principal: &tokens.Principal{KeyID: keyID, TenantID: tenant, ScopesHeader: scopes},
+			Principal: tokens.Principal{KeyID: keyID, TenantID: tenant, ScopesHeader: scopes},
 		}}
 		var rm [2]string
-		b := appendAllow(nil, d.Result.Principal, svc.removals(rm[:0], &d))
+		b := appendAllow(nil, &d.Result.Principal, svc.removals(rm[:0], &d))
 		var got authv3.CheckResponse
 		if err := proto.Unmarshal(b, &got); err != nil {
 			t.Fatalf("lean allow does not decode: %v", err)

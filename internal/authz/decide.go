@@ -257,7 +257,7 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	if s.opts.Usage != nil {
 		s.opts.Usage.RecordAt(res.Principal.KeyID, now)
 	}
-	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(res.Principal, req.Scopes) {
+	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(&res.Principal, req.Scopes) {
 		d.Reason = InsufficientScope
 		return d, nil
 	}

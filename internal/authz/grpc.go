@@ -195,7 +195,7 @@ type allowBlock struct {
 }
 
 func (s *Service) allowResponse(d *Decision) *authv3.CheckResponse {
-	p := d.Result.Principal
+	p := &d.Result.Principal
 	b := &allowBlock{}
 	hdrs, n := identity(p)
 	for i, h := range hdrs[:n] {

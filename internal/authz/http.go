@@ -92,7 +92,7 @@ func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request, req *Request
 		w.WriteHeader(http.StatusServiceUnavailable)
 		w.Write([]byte(`{"error":"unavailable","reason":"unavailable"}`))
 	case d.Reason == Allowed:
-		hdrs, n := identity(d.Result.Principal)
+		hdrs, n := identity(&d.Result.Principal)
 		for _, kv := range hdrs[:n] {
 			h.Set(kv[0], kv[1])
 		}

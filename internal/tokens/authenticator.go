@@ -122,7 +122,7 @@ func (a *Authenticator) Cache() *Cache { return a.cache }
 // decision. KeyID and TenantID are set whenever the key is known and its
 // secret matched, even on ErrRevoked or ErrExpired, for logs and metadata.
 type Result struct {
-	Principal *Principal
+	Principal Principal // set when allowed
 	KeyID     string
 	TenantID  string
 }
@@ -143,12 +143,12 @@ func (a *Authenticator) AuthenticateAt(ctx context.Context, c Credential, now ti
 	k := a.hasher.Digest(c.raw)
 	d, state := a.cache.get(k, now.UnixNano())
 	if state == cacheFresh {
-		if d.err != nil {
+		if d.err() != nil {
 			a.stats.CacheNegativeHits.Add(1)
 		} else {
 			a.stats.CacheHits.Add(1)
 		}
-		return d.result(), d.err
+		return d.result(), d.err()
 	}
 	// Only a credential whose checksums match was ever cached: they are
 	// verified here, before anything is looked up, rather than on each hit.
@@ -190,20 +190,12 @@ func (a *Authenticator) miss(ctx context.Context, k Digest, c Credential, d *dec
 	if res.Err != nil {
 		if state == cacheStale {
 			a.stats.StaleServed.Add(1)
-			return d.result(), d.err
+			return d.result(), d.err()
 		}
 		return Result{}, res.Err
 	}
 	nd := res.Val.(*decision)
-	return nd.result(), nd.err
-}
-
-func (d *decision) result() Result {
-	r := Result{KeyID: d.p.KeyID, TenantID: d.p.TenantID}
-	if d.err == nil {
-		r.Principal = &d.p
-	}
-	return r
+	return nd.result(), nd.err()
 }
 
 // resolve asks the shared tier, then the store, and caches what it learns.
@@ -286,11 +278,11 @@ func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint
 			a.sharedFailed(err)
 			return
 		}
-		if a.invalidations.Load() != seq && d.p.KeyID != "" {
+		if a.invalidations.Load() != seq && d.keyID() != "" {
 			// An invalidation ran while we wrote: its delete may have
 			// come first. Delete again, now that ours has landed.
 			a.stats.Uncached.Add(1)
-			if err := a.opts.Shared.Forget(ctx, []string{d.p.KeyID}); err != nil {
+			if err := a.opts.Shared.Forget(ctx, []string{d.keyID()}); err != nil {
 				a.sharedFailed(err)
 			}
 		}
@@ -359,12 +351,12 @@ func (a *Authenticator) judge(key *Key, c Credential, now time.Time) *decision {
 // past the key's expiry, stale or not.
 func (a *Authenticator) deadlines(d *decision, now time.Time) (fresh, stale int64) {
 	ttl := a.opts.NegativeTTL
-	if d.err == nil {
+	if d.err() == nil {
 		ttl = a.opts.TTL
 	}
 	fresh = now.Add(ttl).UnixNano()
 	stale = now.Add(ttl + a.opts.MaxStale).UnixNano()
-	if exp := d.p.expires; d.err == nil && exp != 0 {
+	if exp := d.expires; d.err() == nil && exp != 0 {
 		fresh, stale = min(fresh, exp), min(stale, exp)
 	}
 	return fresh, stale
@@ -413,8 +405,8 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 		set[id] = struct{}{}
 	}
 	n := a.cache.dropWhere(func(d *decision) bool {
-		_, ok := set[d.p.KeyID]
-		return ok && d.p.KeyID != ""
+		_, ok := set[d.keyID()]
+		return ok && d.keyID() != ""
 	})
 	a.stats.Invalidated.Add(uint64(n))
 	return n
@@ -423,7 +415,7 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 // InvalidateTenant drops every cached decision of a tenant's keys.
 func (a *Authenticator) InvalidateTenant(tenant string) int {
 	a.invalidations.Add(1)
-	n := a.cache.dropWhere(func(d *decision) bool { return d.p.TenantID == tenant && d.p.KeyID != "" })
+	n := a.cache.dropWhere(func(d *decision) bool { return d.tenantID() == tenant && d.keyID() != "" })
 	a.stats.Invalidated.Add(uint64(n))
 	return n
 }
@@ -442,5 +434,5 @@ func (a *Authenticator) InvalidateAll() int {
 // imported or created a moment after a failed attempt works at once.
 func (a *Authenticator) ForgetUnknown() int {
 	a.invalidations.Add(1)
-	return a.cache.dropWhere(func(d *decision) bool { return d.p.KeyID == "" })
+	return a.cache.dropWhere(func(d *decision) bool { return d.keyID() == "" })
 }

@@ -192,7 +192,7 @@ func TestAuthenticateDenials(t *testing.T) {
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
-			if res.Principal != nil || res.KeyID != tc.wantKey {
+			if res.Principal != (Principal{}) || res.KeyID != tc.wantKey {
 				t.Fatalf("result = %+v, want no principal and key %q", res, tc.wantKey)
 			}
 		})
@@ -344,7 +344,7 @@ func TestLateMissSharesFinishedLookup(t *testing.T) {
 	// The late caller's view: its cache read came before the first
 	// flight stored its decision.
 	res, err := f.a.miss(context.Background(), f.a.hasher.Digest(cred.raw), cred, nil, cacheMiss)
-	if err != nil || res.Principal == nil || res.TenantID != "acme" {
+	if err != nil || res.Principal == (Principal{}) || res.TenantID != "acme" {
 		t.Fatalf("late miss = %+v, %v; want acme allowed", res, err)
 	}
 	if got := f.store.lookups.Load(); got != 1 {
@@ -403,7 +403,7 @@ func TestStoreDown(t *testing.T) {
 	}
 	// Past TTL, within MaxStale: the cached allow is served.
 	f.clock.Add(5 * time.Minute)
-	if res, err := f.a.Authenticate(ctx, cred); err != nil || res.Principal == nil {
+	if res, err := f.a.Authenticate(ctx, cred); err != nil || res.Principal == (Principal{}) {
 		t.Fatalf("stale: %+v, %v, want allow", res, err)
 	}
 	if f.a.Stats().StaleServed.Load() != 1 {

@@ -4,31 +4,7 @@ import (
 	"encoding/binary"
 	"sync"
 	"sync/atomic"
-	"unsafe"
 )
-
-// decision is what a credential digest resolves to: an allow (err nil), or
-// a denial (ErrUnknown, ErrRevoked, ErrExpired). p's KeyID and TenantID are
-// set whenever the key is known and its secret matched, so that revoking or
-// changing that key can drop the decision. Decisions are immutable and
-// shared; the principal lives inside, one object per cached decision.
-type decision struct {
-	p   Principal
-	err error
-	// id holds p.KeyID's bytes when they fit (a generated id is a
-	// 36-character UUID), so that a decision is one object, not two.
-	id [36]byte
-}
-
-// newDecision returns a decision holding its key id inline when it fits.
-func newDecision(p Principal, err error) *decision {
-	d := &decision{p: p, err: err}
-	if n := len(p.KeyID); n > 0 && n <= len(d.id) {
-		copy(d.id[:], p.KeyID)
-		d.p.KeyID = unsafe.String(&d.id[0], n)
-	}
-	return d
-}
 
 // Lookup states of the cache.
 const (

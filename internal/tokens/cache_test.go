@@ -3,6 +3,7 @@ package tokens
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"reflect"
 	"strings"
 	"sync"
 	"testing"
@@ -33,10 +34,10 @@ func TestCacheSieveKeepsHotEntries(t *testing.T) {
 	t.Parallel()
 	c := NewCache(cacheShards * 4)
 	hot := digestOf(-1)
-	c.put(hot, &decision{p: Principal{KeyID: "hot"}}, 100, 100)
+	c.put(hot, newDecision(Principal{KeyID: "hot"}, nil), 100, 100)
 	for i := range 5000 {
 		// The hot entry is read between every insertion.
-		if d, st := c.get(hot, 0); st != cacheFresh || d.p.KeyID != "hot" {
+		if d, st := c.get(hot, 0); st != cacheFresh || d.keyID() != "hot" {
 			t.Fatalf("hot entry evicted after %d insertions", i)
 		}
 		c.put(digestOf(i), &decision{}, 100, 100)
@@ -47,7 +48,7 @@ func TestCacheFreshStaleExpired(t *testing.T) {
 	t.Parallel()
 	c := NewCache(100)
 	k := digestOf(1)
-	c.put(k, &decision{p: Principal{KeyID: "a"}}, 10, 20)
+	c.put(k, newDecision(Principal{KeyID: "a"}, nil), 10, 20)
 	for _, tc := range []struct {
 		now  int64
 		want int
@@ -57,8 +58,8 @@ func TestCacheFreshStaleExpired(t *testing.T) {
 		}
 	}
 	// Overwrite in place.
-	c.put(k, &decision{p: Principal{KeyID: "b"}}, 30, 30)
-	if d, st := c.get(k, 25); st != cacheFresh || d.p.KeyID != "b" || c.Len() != 1 {
+	c.put(k, newDecision(Principal{KeyID: "b"}, nil), 30, 30)
+	if d, st := c.get(k, 25); st != cacheFresh || d.keyID() != "b" || c.Len() != 1 {
 		t.Fatalf("overwrite: %v %d len %d", d, st, c.Len())
 	}
 	c.drop(k)
@@ -76,12 +77,12 @@ func TestCacheConcurrent(t *testing.T) {
 			for i := range 5000 {
 				k := digestOf(i % 2000)
 				if i%3 == 0 {
-					c.put(k, &decision{p: Principal{KeyID: "x"}}, 100, 100)
+					c.put(k, newDecision(Principal{KeyID: "x"}, nil), 100, 100)
 				} else {
 					c.get(k, int64(g))
 				}
 				if i%1000 == 0 {
-					c.dropWhere(func(d *decision) bool { return d.p.KeyID == "x" && i%2 == 0 })
+					c.dropWhere(func(d *decision) bool { return d.keyID() == "x" && i%2 == 0 })
 				}
 			}
 		})
@@ -128,12 +129,12 @@ func TestCacheSlotCollision(t *testing.T) {
 	if slot(&a) != slot(&b) || c.shard(&a) != c.shard(&b) || a == b {
 		t.Fatal("not a slot collision")
 	}
-	c.put(a, &decision{p: Principal{KeyID: "a"}}, 100, 100)
+	c.put(a, newDecision(Principal{KeyID: "a"}, nil), 100, 100)
 	if d, st := c.get(b, 0); st != cacheMiss || d != nil {
 		t.Fatalf("b answered with a's decision: %v", d)
 	}
-	c.put(b, &decision{p: Principal{KeyID: "b"}}, 100, 100)
-	if d, st := c.get(b, 0); st != cacheFresh || d.p.KeyID != "b" {
+	c.put(b, newDecision(Principal{KeyID: "b"}, nil), 100, 100)
+	if d, st := c.get(b, 0); st != cacheFresh || d.keyID() != "b" {
 		t.Fatalf("b: %v %d", d, st)
 	}
 	if d, st := c.get(a, 0); st != cacheMiss || d != nil {
@@ -145,17 +146,32 @@ func TestCacheSlotCollision(t *testing.T) {
 	}
 }
 
-// A decision keeps its key id inline when it fits, and equal either way.
-func TestNewDecisionKeyID(t *testing.T) {
+// A decision gives back what it was made of, whatever the key id's length,
+// holds an id inline when it fits, and holds no pointers (see decision).
+func TestDecisionRoundTrip(t *testing.T) {
 	t.Parallel()
-	for _, id := range []string{"", "k", strings.Repeat("x", 36), strings.Repeat("y", 37)} {
-		d := newDecision(Principal{KeyID: id, TenantID: "t"}, nil)
-		if d.p.KeyID != id || d.p.TenantID != "t" {
-			t.Fatalf("id %q: got %q", id, d.p.KeyID)
-		}
-		inline := len(id) > 0 && unsafe.StringData(d.p.KeyID) == &d.id[0]
-		if inline != (len(id) > 0 && len(id) <= len(d.id)) {
-			t.Fatalf("id of %d bytes: inline = %v", len(id), inline)
+	if hasPointers(reflect.TypeFor[decision]()) {
+		t.Fatal("decision holds pointers")
+	}
+	if s := unsafe.Sizeof(decision{}); s != 64 {
+		t.Errorf("decision is %d bytes, want 64 (a size class; see inlineID)", s)
+	}
+	ids := []string{"", "k", strings.Repeat("x", 36), strings.Repeat("y", inlineID), strings.Repeat("z", inlineID+1), strings.Repeat("w", 300)}
+	for _, id := range ids {
+		for _, err := range []error{nil, ErrUnknown, ErrRevoked, ErrExpired} {
+			p := Principal{KeyID: id, TenantID: "tenant-" + id, ScopesHeader: "read," + id, expires: int64(len(id))}
+			d := newDecision(p, err)
+			if d.err() != err || d.keyID() != id || d.tenantID() != p.TenantID || d.principal() != p {
+				t.Fatalf("id of %d bytes, %v: got %+v, %v", len(id), err, d.principal(), d.err())
+			}
+			r := d.result()
+			if r.KeyID != id || r.TenantID != p.TenantID || (err == nil) != (r.Principal == p) || err != nil && r.Principal != (Principal{}) {
+				t.Fatalf("id of %d bytes, %v: result %+v", len(id), err, r)
+			}
+			inline := len(id) > 0 && unsafe.StringData(d.keyID()) == &d.id[0]
+			if inline != (len(id) > 0 && len(id) <= inlineID) {
+				t.Fatalf("id of %d bytes: inline = %v", len(id), inline)
+			}
 		}
 	}
 }

@@ -65,10 +65,11 @@ func (o Outcome) err() error {
 }
 
 func (d *decision) shared(fresh, stale int64) *SharedEntry {
-	e := &SharedEntry{Outcome: outcomeOf(d.err), KeyID: d.p.KeyID, TenantID: d.p.TenantID,
+	e := &SharedEntry{Outcome: d.outcome, KeyID: d.keyID(), TenantID: d.tenantID(),
 		FreshUntil: time.Unix(0, fresh), StaleUntil: time.Unix(0, stale)}
-	if d.err == nil {
-		e.Scopes, e.ExpiresAt = d.p.Scopes(), d.p.ExpiresAt()
+	if d.outcome == OutcomeAllow {
+		p := d.principal()
+		e.Scopes, e.ExpiresAt = p.Scopes(), p.ExpiresAt()
 	}
 	return e
 }

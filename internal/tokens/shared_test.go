@@ -84,7 +84,7 @@ func TestSharedTierBetweenReplicas(t *testing.T) {
 	// Replica 2: same store contents would answer too, but it must not be asked.
 	a2 := NewAuthenticator(f1.h, failingStore{}, Options{Shared: shared, Now: f1.clock.Now})
 	res, err := a2.Authenticate(context.Background(), cred)
-	if err != nil || res.Principal == nil || res.Principal.ScopesHeader != "read" {
+	if err != nil || res.Principal == (Principal{}) || res.Principal.ScopesHeader != "read" {
 		t.Fatalf("replica 2: %+v %v, want an allow from the shared tier", res, err)
 	}
 	if a2.Stats().SharedHits.Load() != 1 || a2.Stats().StoreLookups.Load() != 0 {
@@ -148,7 +148,7 @@ func TestStaleSharedEntryServesWhenStoreDown(t *testing.T) {
 	// A fresh replica, store down, entry past TTL but within MaxStale.
 	f.clock.Add(5 * time.Minute)
 	a2 := NewAuthenticator(f.h, failingStore{}, Options{Shared: shared, Now: f.clock.Now, TTL: time.Minute, MaxStale: 10 * time.Minute})
-	if res, err := a2.Authenticate(context.Background(), cred); err != nil || res.Principal == nil {
+	if res, err := a2.Authenticate(context.Background(), cred); err != nil || res.Principal == (Principal{}) {
 		t.Fatalf("stale shared entry: %+v %v, want allow", res, err)
 	}
 	f.clock.Add(10 * time.Minute)

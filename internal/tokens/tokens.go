@@ -13,7 +13,6 @@ import (
 	"regexp"
 	"strings"
 	"time"
-	"unique"
 )
 
 // Denials. A check that ends in one of these is a decision, not a failure.
@@ -109,9 +108,8 @@ func (k *Key) Status(now time.Time) string {
 	return "active"
 }
 
-// Principal is what an allowed credential resolves to. Values are shared
-// between requests and must not be modified. It is kept small: one is held
-// per cached decision.
+// Principal is what an allowed credential resolves to, built for each check
+// from the cached decision; its strings are shared and immutable.
 type Principal struct {
 	KeyID    string
 	TenantID string
@@ -121,14 +119,10 @@ type Principal struct {
 	expires      int64 // unix nanoseconds; 0: never
 }
 
-// principalOf derives the principal of a stored key. Tenant ids and scope
-// lists repeat across keys, so they are interned: one copy in memory each.
+// principalOf derives the principal of a stored key. (A decision made of it
+// interns the tenant id and scope list: they repeat across keys.)
 func principalOf(k *Key) Principal {
-	p := Principal{
-		KeyID:        k.ID,
-		TenantID:     unique.Make(k.TenantID).Value(),
-		ScopesHeader: unique.Make(strings.Join(k.Scopes, ",")).Value(),
-	}
+	p := Principal{KeyID: k.ID, TenantID: k.TenantID, ScopesHeader: strings.Join(k.Scopes, ",")}
 	if !k.ExpiresAt.IsZero() {
 		p.expires = k.ExpiresAt.UnixNano()
 	}
