@@ -212,7 +212,7 @@ func (s *Service) Decide(ctx context.Context, req *Request) (Decision, error) {
 	if s.opts.Observer != nil {
 		s.opts.Observer.Observe(d.Reason, elapsed)
 	}
-	s.logDecision(req, d, err, elapsed)
+	s.logDecision(req, &d, err, elapsed)
 	return d, err
 }
 
@@ -279,7 +279,7 @@ func hasScopeList(p *tokens.Principal, list string) bool {
 
 // logDecision logs allows at Debug and denials at Info, naming the reason
 // and the key when known. It never logs a header value or the query string.
-func (s *Service) logDecision(req *Request, d Decision, err error, elapsed time.Duration) {
+func (s *Service) logDecision(req *Request, d *Decision, err error, elapsed time.Duration) {
 	lvl := zap.InfoLevel
 	msg := "denied"
 	switch {

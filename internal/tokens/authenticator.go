@@ -119,12 +119,11 @@ func (a *Authenticator) Stats() *Stats { return &a.stats }
 func (a *Authenticator) Cache() *Cache { return a.cache }
 
 // Result is the outcome of Authenticate for a credential that reached a
-// decision. KeyID and TenantID are set whenever the key is known and its
-// secret matched, even on ErrRevoked or ErrExpired, for logs and metadata.
+// decision: the principal when allowed. KeyID and TenantID are also set
+// when the key is known and its secret matched but the answer is ErrRevoked
+// or ErrExpired, for logs and metadata; ScopesHeader then stays empty.
 type Result struct {
-	Principal Principal // set when allowed
-	KeyID     string
-	TenantID  string
+	Principal
 }
 
 // Authenticate resolves c. It returns a Result with a nil error for an

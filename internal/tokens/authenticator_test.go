@@ -192,7 +192,7 @@ func TestAuthenticateDenials(t *testing.T) {
 			if !errors.Is(err, tc.want) {
 				t.Fatalf("err = %v, want %v", err, tc.want)
 			}
-			if res.Principal != (Principal{}) || res.KeyID != tc.wantKey {
+			if res.ScopesHeader != "" || res.KeyID != tc.wantKey {
 				t.Fatalf("result = %+v, want no principal and key %q", res, tc.wantKey)
 			}
 		})

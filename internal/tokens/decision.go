@@ -52,10 +52,7 @@ func (d *decision) err() error { return d.outcome.err() }
 // keyID points into d for an inline id: d is immutable, and the string
 // keeps it alive.
 func (d *decision) keyID() string {
-	switch d.idLen {
-	case 0:
-		return ""
-	case longID:
+	if d.idLen > inlineID {
 		return strs.str(binary.LittleEndian.Uint32(d.id[:]))
 	}
 	return unsafe.String(&d.id[0], d.idLen)
@@ -63,16 +60,21 @@ func (d *decision) keyID() string {
 
 func (d *decision) tenantID() string { return strs.str(d.tenant) }
 
-func (d *decision) principal() Principal {
-	return Principal{KeyID: d.keyID(), TenantID: d.tenantID(), ScopesHeader: strs.str(d.scopes), expires: d.expires}
-}
-
+// result is on every check's path: one read of the string table, and the
+// strings are shared, never copied.
 func (d *decision) result() Result {
-	if d.outcome == OutcomeAllow {
-		p := d.principal()
-		return Result{Principal: p, KeyID: p.KeyID, TenantID: p.TenantID}
+	all := *strs.all.Load()
+	var id string
+	if d.idLen <= inlineID {
+		id = unsafe.String(&d.id[0], d.idLen)
+	} else {
+		id = all[binary.LittleEndian.Uint32(d.id[:])]
 	}
-	return Result{KeyID: d.keyID(), TenantID: d.tenantID()}
+	r := Result{Principal{KeyID: id, TenantID: all[d.tenant]}}
+	if d.outcome == OutcomeAllow {
+		r.ScopesHeader, r.expires = all[d.scopes], d.expires
+	}
+	return r
 }
 
 // strs holds the tenant ids, scope lists and over-long key ids that

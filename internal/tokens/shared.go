@@ -68,7 +68,7 @@ func (d *decision) shared(fresh, stale int64) *SharedEntry {
 	e := &SharedEntry{Outcome: d.outcome, KeyID: d.keyID(), TenantID: d.tenantID(),
 		FreshUntil: time.Unix(0, fresh), StaleUntil: time.Unix(0, stale)}
 	if d.outcome == OutcomeAllow {
-		p := d.principal()
+		p := d.result().Principal
 		e.Scopes, e.ExpiresAt = p.Scopes(), p.ExpiresAt()
 	}
 	return e
