@@ -3,6 +3,7 @@ package tokens
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"reflect"
 	"strings"
 	"sync"
@@ -177,5 +178,35 @@ func TestDecisionRoundTrip(t *testing.T) {
 				t.Fatalf("id of %d bytes: inline = %v", len(id), inline)
 			}
 		}
+	}
+}
+
+// Decisions made while other goroutines intern new strings read back what
+// they were made of: the table only grows, and a reader's snapshot always
+// holds the indexes of the decisions it can see (run with -race).
+func TestDecisionsWhileInterning(t *testing.T) {
+	t.Parallel()
+	const writers, each = 4, 500
+	var wg sync.WaitGroup
+	made := make(chan *decision, writers*each)
+	for w := range writers {
+		wg.Go(func() {
+			for i := range each {
+				tenant := fmt.Sprintf("interning-%d-%d", w, i)
+				made <- newDecision(Principal{KeyID: tenant, TenantID: tenant, ScopesHeader: tenant + ",x"}, nil)
+			}
+		})
+	}
+	go func() { wg.Wait(); close(made) }()
+	n := 0
+	for d := range made {
+		r := d.result()
+		if r.TenantID != r.KeyID || r.ScopesHeader != r.KeyID+",x" {
+			t.Fatalf("decision reads back %+v", r.Principal)
+		}
+		n++
+	}
+	if n != writers*each {
+		t.Fatalf("%d decisions, want %d", n, writers*each)
 	}
 }
