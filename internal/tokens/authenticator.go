@@ -404,8 +404,9 @@ func (a *Authenticator) InvalidateKeys(ids ...string) int {
 		set[id] = struct{}{}
 	}
 	n := a.cache.dropWhere(func(d *decision) bool {
-		_, ok := set[d.keyID()]
-		return ok && d.keyID() != ""
+		id := d.keyID()
+		_, ok := set[id]
+		return ok && id != ""
 	})
 	a.stats.Invalidated.Add(uint64(n))
 	return n

@@ -49,11 +49,13 @@ func newDecision(p Principal, err error) *decision {
 
 func (d *decision) err() error { return d.outcome.err() }
 
-// keyID points into d for an inline id: d is immutable, and the string
-// keeps it alive.
-func (d *decision) keyID() string {
+func (d *decision) keyID() string { return d.keyIDIn(*strs.all.Load()) }
+
+// keyIDIn reads the key id, interned ones from the table snapshot all. An
+// inline id points into d: d is immutable, and the string keeps it alive.
+func (d *decision) keyIDIn(all []string) string {
 	if d.idLen > inlineID {
-		return strs.str(binary.LittleEndian.Uint32(d.id[:]))
+		return all[binary.LittleEndian.Uint32(d.id[:])]
 	}
 	return unsafe.String(&d.id[0], d.idLen)
 }
@@ -64,13 +66,7 @@ func (d *decision) tenantID() string { return strs.str(d.tenant) }
 // strings are shared, never copied.
 func (d *decision) result() Result {
 	all := *strs.all.Load()
-	var id string
-	if d.idLen <= inlineID {
-		id = unsafe.String(&d.id[0], d.idLen)
-	} else {
-		id = all[binary.LittleEndian.Uint32(d.id[:])]
-	}
-	r := Result{Principal{KeyID: id, TenantID: all[d.tenant]}}
+	r := Result{Principal{KeyID: d.keyIDIn(all), TenantID: all[d.tenant]}}
 	if d.outcome == OutcomeAllow {
 		r.ScopesHeader, r.expires = all[d.scopes], d.expires
 	}

@@ -65,11 +65,11 @@ func (o Outcome) err() error {
 }
 
 func (d *decision) shared(fresh, stale int64) *SharedEntry {
-	e := &SharedEntry{Outcome: d.outcome, KeyID: d.keyID(), TenantID: d.tenantID(),
+	r := d.result()
+	e := &SharedEntry{Outcome: d.outcome, KeyID: r.KeyID, TenantID: r.TenantID,
 		FreshUntil: time.Unix(0, fresh), StaleUntil: time.Unix(0, stale)}
 	if d.outcome == OutcomeAllow {
-		p := d.result().Principal
-		e.Scopes, e.ExpiresAt = p.Scopes(), p.ExpiresAt()
+		e.Scopes, e.ExpiresAt = r.Scopes(), r.ExpiresAt()
 	}
 	return e
 }

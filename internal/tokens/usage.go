@@ -137,10 +137,15 @@ func (r *UsageRecorder) Record(keyID string) { r.RecordAt(keyID, r.opts.Now()) }
 
 // RecordAt is Record for a caller that has just read the clock.
 func (r *UsageRecorder) RecordAt(keyID string, at time.Time) {
+	r.add(keyID, 1, at.UnixNano(), r.pending.Load() < int64(r.opts.MaxPending))
+}
+
+// add counts n requests of keyID in its shard, and keeps the pending and
+// dropped counts; a new key is dropped unless room.
+func (r *UsageRecorder) add(keyID string, n, last int64, room bool) {
 	s := &r.shards[maphash.String(r.seed, keyID)%usageShards]
-	room := r.pending.Load() < int64(r.opts.MaxPending)
 	s.mu.Lock()
-	isNew, dropped := s.add(keyID, 1, at.UnixNano(), room)
+	isNew, dropped := s.add(keyID, n, last, room)
 	s.mu.Unlock()
 	switch {
 	case isNew:
@@ -206,13 +211,7 @@ func (r *UsageRecorder) take() []Usage {
 // putBack merges usage that was not written back into pending.
 func (r *UsageRecorder) putBack(us []Usage) {
 	for _, u := range us {
-		s := &r.shards[maphash.String(r.seed, u.KeyID)%usageShards]
-		s.mu.Lock()
-		isNew, _ := s.add(u.KeyID, u.Requests, u.LastUsed.UnixNano(), true)
-		s.mu.Unlock()
-		if isNew {
-			r.pending.Add(1)
-		}
+		r.add(u.KeyID, u.Requests, u.LastUsed.UnixNano(), true)
 	}
 }
 
