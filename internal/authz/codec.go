@@ -91,10 +91,11 @@ func (s *Service) checkWire(ctx context.Context, w *wireRequest) (mem.Buffer, er
 	case AllowedPublic:
 		return s.public.wire, nil
 	}
-	if d.Result.KeyID == "" {
-		return s.denies[d.Reason].wire, nil
+	deny := s.denial(&d)
+	if deny.wire != nil {
+		return deny.wire, nil
 	}
-	b, err := proto.Marshal(s.denyResponse(&d))
+	b, err := proto.Marshal(deny.resp)
 	if err != nil {
 		return nil, fmt.Errorf("encode denial: %w", err)
 	}

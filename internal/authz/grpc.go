@@ -75,7 +75,7 @@ func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.C
 	case AllowedPublic:
 		return s.public.resp, nil
 	}
-	return s.denyResponse(&d), nil
+	return s.denial(&d).resp, nil
 }
 
 // decideRPC decides a check; the error is the gRPC status of an outage.
@@ -237,7 +237,8 @@ func publicResponse() *authv3.CheckResponse {
 }
 
 // prebuilt is a read-only response built once, with its encoding for the
-// lean encoder.
+// lean encoder; denial also returns responses built per check in it,
+// without an encoding.
 type prebuilt struct {
 	resp *authv3.CheckResponse
 	wire mem.Buffer
@@ -289,13 +290,14 @@ func (s *Service) buildDeny(r Reason, keyID, tenantID string) *authv3.CheckRespo
 	}
 }
 
-func (s *Service) denyResponse(d *Decision) *authv3.CheckResponse {
+// denial is the response to a denied check: the prebuilt one, or, for a
+// known key (revoked, expired, insufficient scope), one built to name it
+// in the metadata for access logs and rate limits (wire nil: not encoded).
+func (s *Service) denial(d *Decision) prebuilt {
 	if d.Result.KeyID != "" {
-		// Known key (revoked, expired, insufficient scope): name it in the
-		// metadata for access logs and rate limits.
-		return s.buildDeny(d.Reason, d.Result.KeyID, d.Result.TenantID)
+		return prebuilt{resp: s.buildDeny(d.Reason, d.Result.KeyID, d.Result.TenantID)}
 	}
-	return s.denies[d.Reason].resp
+	return s.denies[d.Reason]
 }
 
 // DenyBody is the JSON body of a denial: no internal detail.
