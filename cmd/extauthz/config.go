@@ -170,6 +170,29 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			*dst = d
 		}
 	}
+	boolean := func(name string, dst *bool) {
+		v, ok := get(name)
+		if !ok {
+			return
+		}
+		if b, err := strconv.ParseBool(v); err != nil {
+			bad(name, "%q is not true or false", v)
+		} else {
+			*dst = b
+		}
+	}
+	// count reads a whole number of at least min; want names it in errors.
+	count := func(name string, dst *int, min int, want string) {
+		v, ok := get(name)
+		if !ok {
+			return
+		}
+		if n, err := strconv.Atoi(v); err != nil || n < min {
+			bad(name, "%q is not %s", v, want)
+		} else {
+			*dst = n
+		}
+	}
 	addr := func(name string, dst *string) {
 		v, ok := get(name)
 		if !ok {
@@ -252,20 +275,8 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 		}
 		c.CredentialSources = srcs
 	}
-	if v, ok := get("PPROF"); ok {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			bad("PPROF", "%q is not true or false", v)
-		}
-		c.Pprof = b
-	}
-	if v, ok := get("GC_HEADROOM_MB"); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 0 {
-			bad("GC_HEADROOM_MB", "%q is not a number of megabytes (0: off)", v)
-		}
-		c.GCHeadroomMB = n
-	}
+	boolean("PPROF", &c.Pprof)
+	count("GC_HEADROOM_MB", &c.GCHeadroomMB, 0, "a number of megabytes (0: off)")
 	if v, ok := get("GRPC_CODEC"); ok {
 		switch v {
 		case "lean", "proto":
@@ -274,13 +285,7 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			bad("GRPC_CODEC", "%q is not lean or proto", v)
 		}
 	}
-	if v, ok := get("STRIP_CREDENTIAL"); ok {
-		b, err := strconv.ParseBool(v)
-		if err != nil {
-			bad("STRIP_CREDENTIAL", "%q is not true or false", v)
-		}
-		c.StripCredential = b
-	}
+	boolean("STRIP_CREDENTIAL", &c.StripCredential)
 	if v, ok := get("REALM"); ok {
 		if strings.ContainsAny(v, "\"\\") || !printable(v) {
 			bad("REALM", "must be printable ASCII without quotes or backslashes")
@@ -289,13 +294,7 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	}
 	str("ROUTES", &c.RoutesFile)
 
-	if v, ok := get("CACHE_SIZE"); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			bad("CACHE_SIZE", "%q is not a positive number of entries", v)
-		}
-		c.CacheSize = n
-	}
+	count("CACHE_SIZE", &c.CacheSize, 1, "a positive number of entries")
 	dur("CACHE_TTL", &c.CacheTTL, time.Second)
 	dur("NEGATIVE_TTL", &c.NegativeTTL, time.Second)
 	dur("MAX_STALE", &c.MaxStale, 0)
@@ -303,13 +302,7 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	dur("SHUTDOWN_DELAY", &c.ShutdownDelay, 0)
 	dur("SHUTDOWN_TIMEOUT", &c.ShutdownTimeout, time.Second)
 	dur("USAGE_INTERVAL", &c.UsageInterval, 100*time.Millisecond)
-	if v, ok := get("USAGE_MAX_PENDING"); ok {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			bad("USAGE_MAX_PENDING", "%q is not a positive number of keys", v)
-		}
-		c.UsageMaxPending = n
-	}
+	count("USAGE_MAX_PENDING", &c.UsageMaxPending, 1, "a positive number of keys")
 	if c.NegativeTTL > c.CacheTTL {
 		bad("NEGATIVE_TTL", "%s is longer than EXTAUTHZ_CACHE_TTL %s", c.NegativeTTL, c.CacheTTL)
 	}
