@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap/zapcore"
 
+	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
 	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
@@ -36,6 +37,12 @@ type Config struct {
 	StripCredential   bool
 	Realm             string
 	RoutesFile        string
+	// Forwarded is the header family forward-auth proxies name the
+	// original request in; the other is never read.
+	Forwarded authz.ForwardedHeaders
+	// KeepEncodedSlashes treats %2F in a path as data instead of a
+	// malformed path.
+	KeepEncodedSlashes bool
 
 	CacheSize       int
 	CacheTTL        time.Duration
@@ -86,6 +93,11 @@ func defaultConfig() Config {
 // Embedded reports whether neither a store nor peppers were configured:
 // the laptop default, with a generated pepper in DataDir.
 func (c *Config) Embedded() bool { return c.Store == "" && len(c.Peppers) == 0 }
+
+// pathOptions is how request paths are read.
+func (c *Config) pathOptions() authz.PathOptions {
+	return authz.PathOptions{KeepEncodedSlashes: c.KeepEncodedSlashes}
+}
 
 // StoreKind is "postgres" or "file".
 func (c *Config) StoreKind() string {
@@ -251,10 +263,27 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	addr("HTTP_ADDR", &c.HTTPAddr)
 	addr("ADMIN_ADDR", &c.AdminAddr)
 	if v, ok := get("HTTP_PREFIX"); ok {
-		if !strings.HasPrefix(v, "/") || strings.ContainsAny(v, "?# ") {
-			bad("HTTP_PREFIX", "%q must be a path starting with /", v)
+		if p, err := httpPrefix(v); err != nil {
+			bad("HTTP_PREFIX", "%v", err)
 		} else {
-			c.HTTPPrefix = strings.TrimSuffix(v, "/")
+			c.HTTPPrefix = p
+		}
+	}
+	if v, ok := get("FORWARDED_HEADERS"); ok {
+		if f, err := authz.ParseForwardedHeaders(v); err != nil {
+			bad("FORWARDED_HEADERS", "%v", err)
+		} else {
+			c.Forwarded = f
+		}
+	}
+	if v, ok := get("ENCODED_SLASHES"); ok {
+		switch v {
+		case "reject":
+			c.KeepEncodedSlashes = false
+		case "keep":
+			c.KeepEncodedSlashes = true
+		default:
+			bad("ENCODED_SLASHES", "%q: want reject or keep", v)
 		}
 	}
 
@@ -317,6 +346,33 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	return c, nil
 }
 
+// httpPrefix validates EXTAUTHZ_HTTP_PREFIX: an absolute path of plain
+// segments that does not hold /healthz or /readyz, which would then answer
+// client paths with 200, an allow.
+func httpPrefix(v string) (string, error) {
+	p := strings.TrimRight(v, "/")
+	switch {
+	case !strings.HasPrefix(v, "/"):
+		return "", fmt.Errorf("%q must be a path starting with /", v)
+	case p == "":
+		return "", fmt.Errorf("%q would put /healthz and /readyz under the check prefix; use a path such as /check", v)
+	}
+	for _, seg := range strings.Split(p[1:], "/") {
+		if seg == "" || seg == "." || seg == ".." {
+			return "", fmt.Errorf("%q has an empty, . or .. segment", v)
+		}
+		for i := 0; i < len(seg); i++ {
+			if c := seg[i]; !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == '~') {
+				return "", fmt.Errorf("%q: segments are letters, digits and -._~ only", v)
+			}
+		}
+	}
+	if p == "/healthz" || p == "/readyz" {
+		return "", fmt.Errorf("%q is a health path", v)
+	}
+	return p, nil
+}
+
 // known lists every setting, so that a misspelt one is reported.
 var known = map[string]bool{
 	"STORE": true, "DATA_DIR": true, "HMAC_SECRETS": true, "GRPC_ADDR": true, "HTTP_ADDR": true,
@@ -325,6 +381,7 @@ var known = map[string]bool{
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
 	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true, "GC_HEADROOM_MB": true,
+	"FORWARDED_HEADERS": true, "ENCODED_SLASHES": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

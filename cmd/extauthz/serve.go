@@ -48,7 +48,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	var routes *authz.Routes
 	if cfg.RoutesFile != "" {
-		if routes, err = authz.LoadRoutes(cfg.RoutesFile); err != nil {
+		if routes, err = authz.LoadRoutes(cfg.RoutesFile, cfg.pathOptions()); err != nil {
 			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
 		}
 	}
@@ -80,6 +80,8 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,
+		Paths:           cfg.pathOptions(),
+		Forwarded:       cfg.Forwarded,
 		StripCredential: cfg.StripCredential,
 		Realm:           cfg.Realm,
 		Logger:          log.Named("authz"),

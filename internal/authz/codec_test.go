@@ -50,7 +50,7 @@ func FuzzAllowEncoding(f *testing.F) {
 // through a real gRPC server.
 func TestCodecsAgree(t *testing.T) {
 	t.Parallel()
-	routes, err := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/public","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`))
+	routes, err := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/public","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`), PathOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -36,13 +36,14 @@ const (
 	Expired
 	Revoked
 	InsufficientScope
-	Unavailable // an outage: the RPC fails, no decision
+	MalformedPath // a path that cannot be judged safely: 400
+	Unavailable   // an outage: the RPC fails, no decision
 	numReasons
 )
 
 var reasonNames = [numReasons]string{
 	"allowed", "public", "missing_credential", "malformed_credential", "ambiguous_credential",
-	"invalid_credential", "expired", "revoked", "insufficient_scope", "unavailable",
+	"invalid_credential", "expired", "revoked", "insufficient_scope", "malformed_path", "unavailable",
 }
 
 func (r Reason) String() string { return reasonNames[r] }
@@ -71,10 +72,13 @@ func (r Reason) Result() string {
 }
 
 // ErrorName is the "error" of a deny body: "forbidden" for a 403,
-// "unauthenticated" for every other denial.
+// "bad_request" for a 400, "unauthenticated" for every other denial.
 func (r Reason) ErrorName() string {
-	if r.HTTPStatus() == 403 {
+	switch r.HTTPStatus() {
+	case 403:
 		return "forbidden"
+	case 400:
+		return "bad_request"
 	}
 	return "unauthenticated"
 }
@@ -121,6 +125,8 @@ func (r Reason) HTTPStatus() int {
 		return 200
 	case InsufficientScope:
 		return 403
+	case MalformedPath:
+		return 400
 	case Unavailable:
 		return 503
 	}
@@ -140,7 +146,7 @@ type Request struct {
 	Header  tokens.Headers
 	Method  string
 	Host    string
-	Path    string // as sent, query included
+	Path    string // as sent, query included; judged in canonical form
 	Scopes  string // comma-separated scopes from the route's context_extensions
 	ID      string // request id, for logs; "": the x-request-id header
 }
@@ -157,8 +163,13 @@ type Decision struct {
 
 // Options configure a Service.
 type Options struct {
-	Extractor       *tokens.Extractor
-	Routes          *Routes // nil: no route rules
+	Extractor *tokens.Extractor
+	Routes    *Routes // nil: no route rules
+	Paths     PathOptions
+	// Forwarded is the header family a forward-auth proxy's original
+	// request is read from (EXTAUTHZ_FORWARDED_HEADERS); the other family
+	// is never read. Default ForwardedXForwarded.
+	Forwarded       ForwardedHeaders
 	StripCredential bool
 	Realm           string // of www-authenticate; default "extauthz"
 	Logger          *zap.Logger
@@ -220,8 +231,14 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	if !req.HasHTTP {
 		return Decision{Reason: MissingCredential}, nil
 	}
-	route := s.opts.Routes.Match(req.Host, req.Method, req.Path)
-	if route != nil && route.Public {
+	path, err := CanonicalPath(req.Path, s.opts.Paths)
+	if err != nil {
+		return Decision{Reason: MalformedPath}, nil
+	}
+	route := s.opts.Routes.Match(req.Host, req.Method, path)
+	// Every source's requirement holds: a public rule waives the key only
+	// when the route's context_extensions require no scope either.
+	if route != nil && route.Public && !anyScope(req.Scopes) {
 		return Decision{Reason: AllowedPublic}, nil
 	}
 	cred, from, err := s.opts.Extractor.Extract(req.Header)
@@ -263,6 +280,18 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	}
 	d.Reason = Allowed
 	return d, nil
+}
+
+// anyScope reports whether a comma-separated list names a scope.
+func anyScope(list string) bool {
+	for list != "" {
+		var s string
+		s, list, _ = strings.Cut(list, ",")
+		if strings.TrimSpace(s) != "" {
+			return true
+		}
+	}
+	return false
 }
 
 // hasScopeList checks a comma-separated list without allocating.

@@ -267,8 +267,11 @@ func (s *Service) buildResponses() {
 
 func (s *Service) buildDeny(r Reason, keyID, tenantID string) *authv3.CheckResponse {
 	code := codes.Unauthenticated
-	if r.HTTPStatus() == 403 {
+	switch r.HTTPStatus() {
+	case 403:
 		code = codes.PermissionDenied
+	case 400:
+		code = codes.InvalidArgument
 	}
 	hdrs := []*corev3.HeaderValueOption{setHeader("content-type", "application/json")}
 	if wa := WWWAuthenticate(s.opts.Realm, r); wa != "" {
@@ -318,7 +321,7 @@ func WWWAuthenticate(realm string, r Reason) string {
 		return base + `, error="invalid_request"`
 	case InsufficientScope:
 		return base + `, error="insufficient_scope"`
-	case Allowed, AllowedPublic, Unavailable:
+	case Allowed, AllowedPublic, Unavailable, MalformedPath:
 		return ""
 	}
 	return base + `, error="invalid_token"`

@@ -3,6 +3,7 @@ package authz
 import (
 	"context"
 	"net/http"
+	"strings"
 	"sync"
 
 	"google.golang.org/grpc/health"
@@ -127,10 +128,14 @@ func (h *Health) ServeReadyz(w http.ResponseWriter, _ *http.Request) {
 // HTTPHandler serves /healthz and /readyz, and hands every other path to
 // next (nil: 404). It matches exact paths itself: http.ServeMux would
 // redirect paths with "//" or "..", and Envoy would pass that 301 on to
-// the client.
+// the client. The check prefix never holds a health path (the
+// configuration refuses one that would), so a client path is never
+// answered by health.
 func (h *Health) HTTPHandler(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
+		// The path as sent, not decoded: /%68ealthz is not a health path.
+		p, _, _ := strings.Cut(r.RequestURI, "?")
+		switch p {
 		case "/healthz":
 			h.ServeHealthz(w, r)
 		case "/readyz":

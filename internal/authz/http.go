@@ -1,6 +1,7 @@
 package authz
 
 import (
+	"fmt"
 	"net/http"
 	"strings"
 
@@ -11,6 +12,47 @@ import (
 // remove on allow (honoured only with a 200).
 const HeaderRemove = "x-envoy-auth-headers-to-remove"
 
+// ForwardedHeaders is the family of headers a forward-auth proxy names the
+// original request in. Exactly one family is read: were both, a client
+// could send the one the proxy does not set and choose the route judged.
+type ForwardedHeaders uint8
+
+// Header families.
+const (
+	// ForwardedXForwarded is X-Forwarded-Method, -Uri and -Host, as
+	// Traefik and Caddy set them (the default).
+	ForwardedXForwarded ForwardedHeaders = iota
+	// ForwardedXOriginal is X-Original-Method, -URI and -Host, nginx's
+	// convention.
+	ForwardedXOriginal
+)
+
+// ParseForwardedHeaders reads EXTAUTHZ_FORWARDED_HEADERS.
+func ParseForwardedHeaders(s string) (ForwardedHeaders, error) {
+	switch strings.ToLower(s) {
+	case "x-forwarded":
+		return ForwardedXForwarded, nil
+	case "x-original":
+		return ForwardedXOriginal, nil
+	}
+	return 0, fmt.Errorf("%q: want x-forwarded or x-original", s)
+}
+
+func (f ForwardedHeaders) String() string {
+	if f == ForwardedXOriginal {
+		return "x-original"
+	}
+	return "x-forwarded"
+}
+
+// names returns the family's method, URI and host header names.
+func (f ForwardedHeaders) names() (method, uri, host string) {
+	if f == ForwardedXOriginal {
+		return "X-Original-Method", "X-Original-Uri", "X-Original-Host"
+	}
+	return "X-Forwarded-Method", "X-Forwarded-Uri", "X-Forwarded-Host"
+}
+
 // HTTPHandler serves the same decisions over HTTP, for Envoy's
 // http_service mode and for nginx auth_request, Traefik ForwardAuth and
 // Caddy forward_auth. It answers any method on any path under prefix; it
@@ -20,14 +62,17 @@ const HeaderRemove = "x-envoy-auth-headers-to-remove"
 //   - prefix + path (Envoy's http_service sends path_prefix + original
 //     :path): the request line itself; forwarded headers are ignored, since
 //     Envoy may pass a client's own copies through;
-//   - exactly prefix (a forward-auth proxy calling a fixed address):
-//     X-Forwarded-Method / X-Forwarded-Uri / X-Forwarded-Host (Traefik,
-//     Caddy), or X-Original-Method / X-Original-URI (nginx, as configured).
+//   - exactly prefix (a forward-auth proxy calling a fixed address): the
+//     method, URI and host headers of the configured family
+//     (Options.Forwarded), each required exactly once. The proxy must set
+//     them itself, overwriting the client's; a request lacking one cannot
+//     be judged and is denied as malformed_path.
 //
-// Allow is exactly 200 with the tenant headers; a denial is 401 or 403 with
-// the JSON body; an outage is 503, which Envoy treats as an error
+// Allow is exactly 200 with the tenant headers; a denial is 400, 401 or 403
+// with the JSON body; an outage is 503, which Envoy treats as an error
 // (status_on_error, failure_mode_allow).
 func (s *Service) HTTPHandler(prefix string) http.Handler {
+	mName, uName, hName := s.opts.Forwarded.names()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		path := r.URL.EscapedPath()
 		if r.URL.RawQuery != "" {
@@ -57,15 +102,14 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 			ID: r.Header.Get("x-request-id"),
 		}
 		if rest == "" || rest[0] == '?' {
-			req.Method = firstOf(r.Header, "x-forwarded-method", "x-original-method")
-			if req.Method == "" {
-				req.Method = r.Method
+			m, okM := single(r.Header, mName)
+			u, okU := single(r.Header, uName)
+			h, okH := single(r.Header, hName)
+			if okM && okU && okH {
+				req.Method, req.Path, req.Host = m, u, h
 			}
-			req.Path = firstOf(r.Header, "x-forwarded-uri", "x-original-uri")
-			req.Host = firstOf(r.Header, "x-forwarded-host")
-			if req.Host == "" {
-				req.Host = r.Host
-			}
+			// Otherwise the path stays empty, which is malformed: a
+			// request whose route is unknown is never judged as some other.
 		} else {
 			req.Method, req.Path, req.Host = r.Method, rest, r.Host
 		}
@@ -73,13 +117,13 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 	})
 }
 
-func firstOf(h http.Header, names ...string) string {
-	for _, n := range names {
-		if v := h.Get(n); v != "" {
-			return v
-		}
+// single returns a header sent exactly once, not empty.
+func single(h http.Header, name string) (string, bool) {
+	vs := h.Values(name)
+	if len(vs) != 1 || vs[0] == "" {
+		return "", false
 	}
-	return ""
+	return vs[0], true
 }
 
 func (s *Service) serveHTTP(w http.ResponseWriter, r *http.Request, req *Request) {

@@ -47,7 +47,7 @@ func newHTTPEnv(t *testing.T, o Options) (*env, *httptest.Server) {
 
 func TestHTTPEnvoyMode(t *testing.T) {
 	t.Parallel()
-	routes, _ := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/public","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`))
+	routes, _ := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/public","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`), PathOptions{})
 	e, srv := newHTTPEnv(t, Options{StripCredential: true, Routes: routes})
 	is := e.issue(t, tokens.IssueParams{Tenant: "acme", Scopes: []string{"read"}})
 	bearer := map[string]string{"authorization": "Bearer " + is.Credential}
@@ -71,12 +71,18 @@ func TestHTTPEnvoyMode(t *testing.T) {
 			t.Errorf("%s: %d, want a decision", p, r.code)
 		}
 	}
-	// Route rules see the original path, as sent: /a/../admin is not under /admin.
-	if r := send(t, srv, "GET", "/check/admin/users", bearer); r.code != 403 {
-		t.Errorf("/admin without the scope: %d, want 403", r.code)
+	// Route rules see the path as the upstream will act on it, however it
+	// was spelt; Envoy's path_prefix "/check/" adds a slash, merged too.
+	for _, p := range []string{"/check/admin/users", "/check/a/../admin", "/check/%61dmin/users", "/check//admin",
+		"/check/%2e%2e/admin", "/check/x/%2E./admin/", "/check/public/../admin/report.txt"} {
+		if r := send(t, srv, "GET", p, bearer); r.code != 403 {
+			t.Errorf("%s without the admin scope: %d, want 403", p, r.code)
+		}
 	}
-	if r := send(t, srv, "GET", "/check/a/../admin", bearer); r.code != 200 {
-		t.Errorf("/a/../admin matched as sent: %d, want 200", r.code)
+	for _, p := range []string{"/check/public%2F..%2Fadmin%2Freport.txt", "/check/public/%5c../admin", "/check/public/..;/admin", "/check/admin;x/users", "/check/a%00"} {
+		if r := send(t, srv, "GET", p, nil); r.code != 400 || !strings.Contains(r.body, `"malformed_path"`) {
+			t.Errorf("%s: %d %s, want 400 malformed_path", p, r.code, r.body)
+		}
 	}
 	// A client's own X-Forwarded-Uri is ignored in Envoy mode.
 	forged := map[string]string{"x-forwarded-uri": "/public/x", "x-original-uri": "/public/x"}
@@ -141,27 +147,71 @@ func TestHTTPDenials(t *testing.T) {
 }
 
 // Forward-auth proxies call a fixed address and forward the original
-// request in headers.
+// request in headers of one family; the other family is never read, so a
+// client cannot pick the route judged by sending the headers its proxy
+// does not set.
 func TestHTTPForwardAuth(t *testing.T) {
 	t.Parallel()
-	routes, _ := ParseRoutes([]byte(`{"routes":[{"host":"admin.example.com","path_prefix":"/","methods":["POST"],"scopes":["admin"]},{"path_prefix":"/public","public":true}]}`))
-	e, srv := newHTTPEnv(t, Options{Routes: routes})
-	is := e.issue(t, tokens.IssueParams{Tenant: "acme", Scopes: []string{"read"}})
-	key := is.Credential
-	for _, tc := range []struct {
-		name string
-		h    map[string]string
-		code int
-	}{
-		{"traefik/caddy GET", map[string]string{"x-api-key": key, "x-forwarded-method": "GET", "x-forwarded-uri": "/v1/items", "x-forwarded-host": "admin.example.com"}, 200},
-		{"traefik/caddy POST to admin host", map[string]string{"x-api-key": key, "x-forwarded-method": "POST", "x-forwarded-uri": "/v1/items", "x-forwarded-host": "admin.example.com"}, 403},
-		{"nginx original uri, public", map[string]string{"x-original-method": "GET", "x-original-uri": "/public/a?b=c"}, 200},
-		{"nginx original uri, private", map[string]string{"x-original-method": "GET", "x-original-uri": "/private"}, 401},
-	} {
-		r := send(t, srv, "GET", "/check", tc.h)
-		if r.code != tc.code {
-			t.Errorf("%s: %d %s, want %d", tc.name, r.code, r.body, tc.code)
-		}
+	routes, _ := ParseRoutes([]byte(`{"routes":[{"host":"admin.example.com","path_prefix":"/","methods":["POST"],"scopes":["admin"]},{"path_prefix":"/public","public":true}]}`), PathOptions{})
+	for _, fam := range []ForwardedHeaders{ForwardedXForwarded, ForwardedXOriginal} {
+		t.Run(fam.String(), func(t *testing.T) {
+			t.Parallel()
+			e, srv := newHTTPEnv(t, Options{Routes: routes, Forwarded: fam})
+			is := e.issue(t, tokens.IssueParams{Tenant: "acme", Scopes: []string{"read"}})
+			key := is.Credential
+			own, other := "x-forwarded-", "x-original-"
+			if fam == ForwardedXOriginal {
+				own, other = other, own
+			}
+			orig := func(method, uri, host string, extra map[string]string) map[string]string {
+				h := map[string]string{own + "method": method, own + "uri": uri, own + "host": host}
+				for k, v := range extra {
+					h[k] = v
+				}
+				return h
+			}
+			for _, tc := range []struct {
+				name string
+				h    map[string]string
+				code int
+			}{
+				{"GET", orig("GET", "/v1/items", "admin.example.com", map[string]string{"x-api-key": key}), 200},
+				{"POST to admin host", orig("POST", "/v1/items", "admin.example.com", map[string]string{"x-api-key": key}), 403},
+				{"POST to admin host, upper case and trailing dot", orig("POST", "/v1/items", "ADMIN.example.com.:443", map[string]string{"x-api-key": key}), 403},
+				{"public", orig("GET", "/public/a?b=c", "x", nil), 200},
+				{"private", orig("GET", "/private", "x", nil), 401},
+				{"public, dot segments to a private path", orig("GET", "/public/../private", "x", nil), 401},
+				{"public, encoded slash", orig("GET", "/public%2F..%2Fprivate", "x", nil), 400},
+				{"/publications is not under /public", orig("GET", "/publications", "x", nil), 401},
+				// The attack: the proxy sets its family, the client sends the other.
+				{"other family forged to a public path", orig("GET", "/private", "x", map[string]string{other + "uri": "/public/x", other + "method": "GET"}), 401},
+				{"other family forged, with a key", orig("POST", "/v1/items", "admin.example.com", map[string]string{"x-api-key": key, other + "method": "GET", other + "host": "x"}), 403},
+				{"only the other family", map[string]string{other + "method": "GET", other + "uri": "/public/x", other + "host": "x"}, 400},
+				{"uri missing", map[string]string{own + "method": "GET", own + "host": "x"}, 400},
+				{"method missing", map[string]string{own + "uri": "/public/x", own + "host": "x"}, 400},
+				{"host missing", map[string]string{own + "method": "GET", own + "uri": "/public/x"}, 400},
+			} {
+				r := send(t, srv, "GET", "/check", tc.h)
+				if r.code != tc.code {
+					t.Errorf("%s: %d %s, want %d", tc.name, r.code, r.body, tc.code)
+				}
+			}
+			// Two copies (the client's and the proxy's appended one) are not
+			// a choice extauthz makes.
+			req, _ := http.NewRequest("GET", srv.URL+"/check", nil)
+			req.Header.Add(own+"uri", "/public/x")
+			req.Header.Add(own+"uri", "/private")
+			req.Header.Set(own+"method", "GET")
+			req.Header.Set(own+"host", "x")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != 400 {
+				t.Errorf("two %suri lines: %d, want 400", own, resp.StatusCode)
+			}
+		})
 	}
 }
 

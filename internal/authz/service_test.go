@@ -269,7 +269,7 @@ func TestRoutes(t *testing.T) {
 		{"path_prefix": "/public", "public": true},
 		{"path_prefix": "/admin", "scopes": ["admin"]},
 		{"host": "*.example.com", "path_prefix": "/v1/orders", "methods": ["post"], "scopes": ["write"]}
-	]}`))
+	]}`), PathOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -293,15 +293,52 @@ func TestRoutes(t *testing.T) {
 	// The query string is not part of the path; a prefix in the query is no match.
 	r, _ = e.svc.Check(ctx(t), req("GET", "x", "/data?/public", nil))
 	checkDeny(t, r, denyWant{codes.Unauthenticated, 401, "missing_credential"})
-	// Encoded paths are matched as sent: %2F is not /.
+	// An encoded slash means what the upstream makes of it: not judged.
 	r, _ = e.svc.Check(ctx(t), req("GET", "x", "/public%2F..%2Fadmin", key))
-	if r.GetStatus().GetCode() != 0 {
-		t.Errorf("/public%%2F... should match /public as sent")
-	}
+	checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
 	r, _ = e.svc.Check(ctx(t), req("GET", "x", "/admin/users", key))
 	checkDeny(t, r, denyWant{codes.PermissionDenied, 403, "insufficient_scope"})
 	r, _ = e.svc.Check(ctx(t), req("POST", "api.example.com:8443", "/v1/orders/9", key))
 	checkDeny(t, r, denyWant{codes.PermissionDenied, 403, "insufficient_scope"})
+	// Hosts compare without case, port or trailing dot.
+	for _, host := range []string{"API.example.com", "api.example.com.", "api.example.com.:443"} {
+		r, _ = e.svc.Check(ctx(t), req("POST", host, "/v1/orders", key))
+		checkDeny(t, r, denyWant{codes.PermissionDenied, 403, "insufficient_scope"})
+	}
+	// Prefixes match whole segments: /public is not /publications.
+	for _, p := range []string{"/publications", "/public-internal/admin", "/publicx"} {
+		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, nil))
+		checkDeny(t, r, denyWant{codes.Unauthenticated, 401, "missing_credential"})
+	}
+	// A public rule never waives the scopes of the route's context_extensions.
+	ext := req("GET", "x", "/public/report", nil)
+	ext.Attributes.ContextExtensions = map[string]string{"scopes": "admin"}
+	r, _ = e.svc.Check(ctx(t), ext)
+	checkDeny(t, r, denyWant{codes.Unauthenticated, 401, "missing_credential"})
+	ext = req("GET", "x", "/public/report", key)
+	ext.Attributes.ContextExtensions = map[string]string{"scopes": "admin"}
+	r, _ = e.svc.Check(ctx(t), ext)
+	checkDeny(t, r, denyWant{codes.PermissionDenied, 403, "insufficient_scope"})
+	ext.Attributes.ContextExtensions = map[string]string{"scopes": "read"}
+	if r, _ = e.svc.Check(ctx(t), ext); r.GetStatus().GetCode() != 0 || r.GetOkResponse().GetHeaders() == nil {
+		t.Errorf("public rule + context scope the key has: %v, want an allow with identity", r)
+	}
+	ext.Attributes.ContextExtensions = map[string]string{"scopes": " , "}
+	ext.Attributes.Request.Http.Headers = nil
+	if r, _ = e.svc.Check(ctx(t), ext); r.GetStatus().GetCode() != 0 {
+		t.Errorf("public rule + empty context scopes: %v, want public", r)
+	}
+	// Spellings of /admin an upstream decodes to /admin are /admin.
+	for _, p := range []string{"/%61dmin/users", "//admin/users", "/x/../admin/users", "/public/../admin/report.txt", "/public/%2e%2e/admin"} {
+		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, key))
+		checkDeny(t, r, denyWant{codes.PermissionDenied, 403, "insufficient_scope"})
+		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, nil))
+		checkDeny(t, r, denyWant{codes.Unauthenticated, 401, "missing_credential"})
+	}
+	for _, p := range []string{"/public%2F..%2Fadmin%2Freport.txt", "/public/..%5Cadmin", "/public/..;/admin", "admin", "*"} {
+		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, nil))
+		checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
+	}
 	for _, c := range [][3]string{{"GET", "api.example.com", "/v1/orders"}, {"POST", "example.org", "/v1/orders"}} {
 		r, _ = e.svc.Check(ctx(t), req(c[0], c[1], c[2], key))
 		if r.GetStatus().GetCode() != 0 {
@@ -319,8 +356,12 @@ func TestParseRoutesRejects(t *testing.T) {
 		"bad wildcard":    `{"routes":[{"path_prefix":"/a","host":"a.*.com"}]}`,
 		"bad scope":       `{"routes":[{"path_prefix":"/a","scopes":["a,b"]}]}`,
 		"not json":        `routes: []`,
+		"parameters":      `{"routes":[{"path_prefix":"/a;b"}]}`,
+		"query":           `{"routes":[{"path_prefix":"/a?b"}]}`,
+		"encoded slash":   `{"routes":[{"path_prefix":"/a%2Fb"}]}`,
+		"bad escape":      `{"routes":[{"path_prefix":"/a%zz"}]}`,
 	} {
-		if _, err := ParseRoutes([]byte(body)); err == nil {
+		if _, err := ParseRoutes([]byte(body), PathOptions{}); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}

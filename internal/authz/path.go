@@ -1,0 +1,187 @@
+package authz
+
+import (
+	"errors"
+	"strings"
+)
+
+// ErrMalformedPath is a request path whose meaning would depend on how the
+// upstream decodes it (an encoded "/" or "\", a backslash, a control byte,
+// invalid percent-encoding, a ";" that Tomcat and Jetty strip with what
+// follows and other servers keep), or that is not an absolute path at all.
+// Such a request is denied with 400.
+var ErrMalformedPath = errors.New("authz: malformed path")
+
+// PathOptions say how request paths are read.
+type PathOptions struct {
+	// KeepEncodedSlashes makes %2F an ordinary character inside a segment
+	// (EXTAUTHZ_ENCODED_SLASHES=keep), for APIs that put it in ids;
+	// otherwise a path holding one is malformed.
+	KeepEncodedSlashes bool
+}
+
+// CanonicalPath returns the path a route rule is matched against: the path
+// as an upstream acts on it, whatever way the client spelt it. raw is the
+// request target as sent (query included); the result is
+//   - the part before the first '?';
+//   - percent-decoded, except '%', '/', '?', '#', ';' and bytes outside
+//     printable ASCII, which stay encoded with upper-case hex (so %61 and
+//     a, %c3%a9 and a raw é, are the same path);
+//   - dot segments resolved and repeated slashes merged, as Envoy's
+//     normalize_path and merge_slashes do (the root is never left).
+//
+// A trailing slash is kept. The common case (an already canonical path)
+// allocates nothing.
+func CanonicalPath(raw string, o PathOptions) (string, error) {
+	if i := strings.IndexByte(raw, '?'); i >= 0 {
+		raw = raw[:i]
+	}
+	if raw == "" || raw[0] != '/' {
+		return "", ErrMalformedPath
+	}
+	if isCanonical(raw) {
+		return raw, nil
+	}
+	return canonicalSlow(raw, o)
+}
+
+// isCanonical reports whether p needs no work: printable ASCII without
+// '%', '\', '#' or ';', and no empty, "." or ".." segment.
+func isCanonical(p string) bool {
+	for i := 0; i < len(p); i++ {
+		switch c := p[i]; {
+		case c <= ' ' || c >= 0x7f || c == '%' || c == '\\' || c == '#' || c == ';':
+			return false
+		case c == '/':
+			// The segment after this slash: empty (a "//"), "." or "..".
+			rest := p[i+1:]
+			if strings.HasPrefix(rest, "/") || rest == "." || rest == ".." ||
+				strings.HasPrefix(rest, "./") || strings.HasPrefix(rest, "../") {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func canonicalSlow(raw string, o PathOptions) (string, error) {
+	// Decode into segments split at the raw slashes only: a decoded one is
+	// data (kept as %2F) or an error.
+	var segs []string
+	var seg strings.Builder
+	trailing := false
+	flush := func() {
+		s := seg.String()
+		seg.Reset()
+		switch s {
+		case ".", "..":
+			if s == ".." && len(segs) > 0 {
+				segs = segs[:len(segs)-1]
+			}
+			trailing = true
+		case "":
+			// Merged ("//"); a last one keeps the trailing slash.
+			trailing = true
+		default:
+			segs = append(segs, s)
+			trailing = false
+		}
+	}
+	for i := 1; i < len(raw); i++ {
+		c := raw[i]
+		switch {
+		case c == '/':
+			flush()
+			trailing = true
+			continue
+		case c == '%':
+			if i+2 >= len(raw) || unhex(raw[i+1]) < 0 || unhex(raw[i+2]) < 0 {
+				return "", ErrMalformedPath
+			}
+			c = byte(unhex(raw[i+1])<<4 | unhex(raw[i+2]))
+			i += 2
+			switch {
+			case c == '/' && o.KeepEncodedSlashes:
+				seg.WriteString("%2F")
+				continue
+			case c == '/' || c == '\\' || c < ' ' || c == 0x7f:
+				return "", ErrMalformedPath
+			}
+		case c == '\\' || c == '#' || c == ';' || c <= ' ' || c == 0x7f:
+			// Raw: a separator to some servers, a fragment, path
+			// parameters that only some servers strip, or not a request
+			// target at all.
+			return "", ErrMalformedPath
+		}
+		writeCanonical(&seg, c)
+	}
+	flush()
+	if len(segs) == 0 {
+		return "/", nil
+	}
+	n := len(segs)
+	for _, s := range segs {
+		n += len(s)
+	}
+	var b strings.Builder
+	b.Grow(n + 1)
+	for _, s := range segs {
+		b.WriteByte('/')
+		b.WriteString(s)
+	}
+	if trailing {
+		b.WriteByte('/')
+	}
+	return b.String(), nil
+}
+
+// writeCanonical writes one decoded byte: as itself when it is printable
+// ASCII with no meaning in a request target, else percent-encoded.
+func writeCanonical(b *strings.Builder, c byte) {
+	if c > ' ' && c < 0x7f && c != '%' && c != '?' && c != '#' && c != ';' {
+		b.WriteByte(c)
+		return
+	}
+	const hex = "0123456789ABCDEF"
+	b.WriteByte('%')
+	b.WriteByte(hex[c>>4])
+	b.WriteByte(hex[c&15])
+}
+
+func unhex(c byte) int {
+	switch {
+	case c >= '0' && c <= '9':
+		return int(c - '0')
+	case c >= 'a' && c <= 'f':
+		return int(c-'a') + 10
+	case c >= 'A' && c <= 'F':
+		return int(c-'A') + 10
+	}
+	return -1
+}
+
+// underPrefix reports whether a canonical path is prefix or below it,
+// by whole segments: /public holds /public and /public/x, never
+// /publications. "/" holds every path.
+func underPrefix(path, prefix string) bool {
+	if prefix == "/" {
+		return true
+	}
+	if !strings.HasPrefix(path, prefix) {
+		return false
+	}
+	return len(path) == len(prefix) || path[len(prefix)] == '/'
+}
+
+// canonicalHost is an authority as route rules compare it: lower case,
+// without port, IPv6 brackets or trailing dots.
+func canonicalHost(authority string) string {
+	h := hostOnly(authority)
+	h = strings.TrimRight(h, ".")
+	for i := 0; i < len(h); i++ {
+		if c := h[i]; c >= 'A' && c <= 'Z' {
+			return strings.ToLower(h)
+		}
+	}
+	return h
+}
