@@ -44,7 +44,8 @@ func TestCaddyForwardAuth(t *testing.T) {
 			t.Skip("SKIPPED: caddy not found; `make e2e-caddy` builds it from the Go module proxy and runs this test")
 		}
 	}
-	testForwardAuthProxy(t, func(t *testing.T, extauthzHTTP, upstream string) string {
+	// Caddy sets X-Forwarded-Method, -Uri and -Host itself.
+	testForwardAuthProxy(t, "X-Forwarded", func(t *testing.T, _, extauthzHTTP, upstream string) string {
 		dir := t.TempDir()
 		addr := freeLoopbackAddr(t)
 		conf := strings.NewReplacer("{{listen}}", addr, "{{extauthz}}", extauthzHTTP, "{{upstream}}", upstream).Replace(caddyfile)

@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
 )
 
@@ -167,5 +168,34 @@ func TestUnknownSettings(t *testing.T) {
 	got := unknownSettings([]string{"EXTAUTHZ_STORE=x", "EXTAUTHZ_CACHE_TTLL=1m", "PATH=/bin", "EXTAUTHZ_TEST_POSTGRES=x"})
 	if d := cmp.Diff([]string{"EXTAUTHZ_CACHE_TTLL"}, got, cmpopts.EquateEmpty()); d != "" {
 		t.Fatal(d)
+	}
+}
+
+// A check prefix that holds a health path would answer client paths with
+// /healthz's 200, an allow; the path settings name what they accept.
+func TestConfigPathSettings(t *testing.T) {
+	t.Parallel()
+	for _, v := range []string{"/", "//", "/healthz", "/readyz/", "/a//b", "/a/../b", "/a/./b", "/a%2Fb", "/a b", "check", "/a?b"} {
+		if _, err := loadConfig(lookupMap(map[string]string{"EXTAUTHZ_HTTP_PREFIX": v})); err == nil || !strings.Contains(err.Error(), "EXTAUTHZ_HTTP_PREFIX:") {
+			t.Errorf("EXTAUTHZ_HTTP_PREFIX=%q: %v, want refused", v, err)
+		}
+	}
+	for v, want := range map[string]string{"/check": "/check", "/check/": "/check", "/ext-authz/v1": "/ext-authz/v1", "/healthz-check": "/healthz-check"} {
+		c, err := loadConfig(lookupMap(map[string]string{"EXTAUTHZ_HTTP_PREFIX": v}))
+		if err != nil || c.HTTPPrefix != want {
+			t.Errorf("EXTAUTHZ_HTTP_PREFIX=%q: %q, %v; want %q", v, c.HTTPPrefix, err, want)
+		}
+	}
+	c, err := loadConfig(lookupMap(map[string]string{"EXTAUTHZ_FORWARDED_HEADERS": "X-Original", "EXTAUTHZ_ENCODED_SLASHES": "keep"}))
+	if err != nil || c.Forwarded != authz.ForwardedXOriginal || !c.KeepEncodedSlashes {
+		t.Errorf("x-original + keep: %+v %v", c, err)
+	}
+	if c := defaultConfig(); c.Forwarded != authz.ForwardedXForwarded || c.KeepEncodedSlashes {
+		t.Error("defaults: want x-forwarded and encoded slashes rejected")
+	}
+	for name, v := range map[string]string{"EXTAUTHZ_FORWARDED_HEADERS": "both", "EXTAUTHZ_ENCODED_SLASHES": "decode"} {
+		if _, err := loadConfig(lookupMap(map[string]string{name: v})); err == nil || !strings.Contains(err.Error(), name+":") {
+			t.Errorf("%s=%s: %v, want refused", name, v, err)
+		}
 	}
 }

@@ -1,12 +1,16 @@
 package main
 
 import (
+	"bufio"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"net/url"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,10 +20,12 @@ import (
 
 // nginxConf is the configuration users copy (README, "nginx"), with the
 // addresses filled in. auth_request sends a subrequest to extauthz's fixed
-// address, passes the original method and URI, and copies the tenant
-// headers into the proxied request; an empty value drops the header, and a
-// proxy_set_header replaces the client's own copy, so nothing forged gets
-// through.
+// address with the original method, URI and host in the headers of the
+// family extauthz reads ({{fam}}: X-Forwarded, the default, or X-Original
+// with EXTAUTHZ_FORWARDED_HEADERS=x-original); proxy_set_header replaces
+// a client's own copies of those. The tenant headers are copied into the
+// proxied request; an empty value drops the header, so nothing forged
+// gets through.
 const nginxConf = `
 daemon off;
 worker_processes 1;
@@ -53,17 +59,47 @@ http {
       internal;
       proxy_pass http://{{extauthz}}/check;
       proxy_pass_request_body off;
-      proxy_set_header Content-Length    "";
-      proxy_set_header X-Original-Method $request_method;
-      proxy_set_header X-Original-URI    $request_uri;
-      proxy_set_header X-Forwarded-Host  $host;
+      proxy_set_header Content-Length "";
+      proxy_set_header {{fam}}-Method $request_method;
+      proxy_set_header {{fam}}-Uri    $request_uri;
+      proxy_set_header {{fam}}-Host   $host;
     }
   }
 }
 `
 
-// startNginx runs nginx in the foreground with nginxConf.
-func startNginx(t *testing.T, extauthzHTTP, upstream string) string {
+// nginxStaticConf is an upstream that serves files the way nginx does:
+// it decodes the path (%2F included) and resolves dot segments.
+const nginxStaticConf = `
+daemon off;
+worker_processes 1;
+pid {{dir}}/nginx.pid;
+error_log {{dir}}/error.log warn;
+events {}
+http {
+  access_log off;
+  client_body_temp_path {{dir}}/body;
+  proxy_temp_path {{dir}}/proxy;
+  fastcgi_temp_path {{dir}}/fastcgi;
+  uwsgi_temp_path {{dir}}/uwsgi;
+  scgi_temp_path {{dir}}/scgi;
+  server {
+    listen {{listen}};
+    root {{root}};
+  }
+}
+`
+
+// startNginx runs nginx with nginxConf in front of upstream.
+func startNginx(t *testing.T, fam, extauthzHTTP, upstream string) string {
+	t.Helper()
+	return runNginx(t, nginxConf, "{{fam}}", fam, "{{upstream}}", upstream, "{{extauthz}}", extauthzHTTP)
+}
+
+// runNginx runs nginx in the foreground with conf, its {{dir}} and
+// {{listen}} filled in and the other pairs replaced; it returns the
+// address nginx listens on.
+func runNginx(t *testing.T, conf string, replace ...string) string {
 	t.Helper()
 	bin, err := exec.LookPath("nginx")
 	if err != nil {
@@ -81,7 +117,7 @@ func startNginx(t *testing.T, extauthzHTTP, upstream string) string {
 	}
 	dir := t.TempDir()
 	addr := freeLoopbackAddr(t)
-	conf := strings.NewReplacer("{{dir}}", dir, "{{listen}}", addr, "{{upstream}}", upstream, "{{extauthz}}", extauthzHTTP).Replace(nginxConf)
+	conf = strings.NewReplacer(append([]string{"{{dir}}", dir, "{{listen}}", addr}, replace...)...).Replace(conf)
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
 		t.Fatal(err)
@@ -138,17 +174,38 @@ func waitListening(t *testing.T, addr string, timeout time.Duration, describe fu
 }
 
 // recorder is an upstream that remembers the headers of its last request.
+// It serves files as an upstream that decodes its path does (Go's
+// net/http with path.Clean, Python's http.server, nginx): %2F, %5C and
+// %2e%2e included, and path parameters dropped as Tomcat does.
 type recorder struct {
 	mu   sync.Mutex
 	last http.Header
 	hits int
 }
 
+// adminSecret is the body of the file only admin keys may read.
+const adminSecret = "ADMIN-ONLY-REPORT"
+
 func (r *recorder) ServeHTTP(w http.ResponseWriter, req *http.Request) {
 	r.mu.Lock()
 	r.last, r.hits = req.Header.Clone(), r.hits+1
 	r.mu.Unlock()
-	io.WriteString(w, "upstream")
+	raw, _, _ := strings.Cut(req.RequestURI, "?")
+	segs := strings.Split(raw, "/")
+	for i, s := range segs {
+		segs[i], _, _ = strings.Cut(s, ";") // path parameters, as Tomcat drops them
+	}
+	p, err := url.PathUnescape(strings.Join(segs, "/"))
+	if err != nil {
+		http.Error(w, "bad path", 400)
+		return
+	}
+	switch path.Clean(strings.ReplaceAll(p, "\\", "/")) {
+	case "/admin/report.txt":
+		io.WriteString(w, adminSecret)
+	default:
+		io.WriteString(w, "upstream")
+	}
 }
 
 func (r *recorder) seen() (http.Header, int) {
@@ -158,23 +215,27 @@ func (r *recorder) seen() (http.Header, int) {
 }
 
 func TestNginxAuthRequest(t *testing.T) {
-	testForwardAuthProxy(t, startNginx)
+	for _, fam := range []string{"X-Forwarded", "X-Original"} {
+		t.Run(fam, func(t *testing.T) { testForwardAuthProxy(t, fam, startNginx) })
+	}
 }
 
 // testForwardAuthProxy runs extauthz's HTTP mode behind a real reverse
-// proxy (started by start, given extauthz's HTTP address and the upstream's)
-// and checks what clients get and what the upstream sees.
-func testForwardAuthProxy(t *testing.T, start func(t *testing.T, extauthzHTTP, upstream string) string) {
+// proxy (started by start, given the forwarded-header family, extauthz's
+// HTTP address and the upstream's) and checks what clients get and what
+// the upstream sees, attacks included.
+func testForwardAuthProxy(t *testing.T, fam string, start func(t *testing.T, fam, extauthzHTTP, upstream string) string) {
 	routes := filepath.Join(t.TempDir(), "routes.json")
 	os.WriteFile(routes, []byte(`{"routes":[{"path_prefix":"/admin","scopes":["admin"]},{"path_prefix":"/public","public":true}]}`), 0o600)
-	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes}}
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes,
+		"EXTAUTHZ_FORWARDED_HEADERS": strings.ToLower(fam)}}
 	k := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]
 	cred := k["credential"].(string)
 	srv := startServer(t, c)
 	up := &recorder{}
 	upstream := httptest.NewServer(up)
 	defer upstream.Close()
-	proxy := start(t, srv.addrs.HTTP, strings.TrimPrefix(upstream.URL, "http://"))
+	proxy := start(t, fam, srv.addrs.HTTP, strings.TrimPrefix(upstream.URL, "http://"))
 	get := func(path string, h map[string]string) (int, http.Header) {
 		t.Helper()
 		req, _ := http.NewRequest("GET", "http://"+proxy+path, nil)
@@ -236,10 +297,102 @@ func testForwardAuthProxy(t *testing.T, start func(t *testing.T, extauthzHTTP, u
 	if seen, _ := up.seen(); seen.Get("x-tenant-id") != "" {
 		t.Fatalf("forged tenant %q reached the upstream on a public route", seen.Get("x-tenant-id"))
 	}
+	attackForwardAuth(t, proxy, upstream.URL, cred, c.ok("", "keys", "create", "--tenant", "ops", "--scopes", "admin")[0]["credential"].(string))
 	// Revoked: 401 again.
 	c.ok("", "keys", "revoke", k["id"].(string))
 	eventually(t, "revoke through the proxy", func() bool {
 		code, _ := get("/v1/orders", map[string]string{"authorization": "Bearer " + cred})
 		return code == 401
 	})
+}
+
+// forgedOriginals are a client's own copies of both header families,
+// naming a public route: the proxy must overwrite the family extauthz
+// reads, and extauthz must never read the other.
+var forgedOriginals = map[string]string{
+	"X-Forwarded-Uri": "/public/x", "X-Forwarded-Method": "GET", "X-Forwarded-Host": "public.example.com",
+	"X-Original-Uri": "/public/x", "X-Original-Method": "GET", "X-Original-Host": "public.example.com",
+}
+
+// rawPathAttacks are spellings of /admin/report.txt that a decoding
+// upstream serves as that file.
+var rawPathAttacks = []string{
+	"/admin/report.txt", "/%61dmin/report.txt", "//admin/report.txt", "/x/../admin/report.txt",
+	"/public/../admin/report.txt", "/public/%2e%2e/admin/report.txt", "/public/.%2E/admin/report.txt",
+	"/public%2F..%2Fadmin%2Freport.txt", "/public/..%2Fadmin/report.txt", "/public/%2E%2E%2Fadmin%2Freport.txt",
+	"/public/..%5Cadmin/report.txt", "/public/..;/admin/report.txt", "/public/%2e%2e;x/admin/report.txt",
+	"/public/./../admin/./report.txt", "/public//..//admin/report.txt",
+}
+
+// attackForwardAuth sends, through a real proxy, requests that must not
+// reach /admin/report.txt without a key holding the admin scope: forged
+// forwarded headers of both families, and every raw spelling of the path,
+// with no key and with a read-only one. adminKey proves the file is there.
+func attackForwardAuth(t *testing.T, proxy, upstream, readKey, adminKey string) {
+	t.Helper()
+	// The upstream itself serves the file for each spelling: without
+	// extauthz these attacks would work.
+	for _, p := range rawPathAttacks {
+		if code, body := rawGet(t, strings.TrimPrefix(upstream, "http://"), p, nil); code != 200 || body != adminSecret {
+			t.Fatalf("control: the upstream does not serve %s as the admin file (%d %q)", p, code, body)
+		}
+	}
+	if code, body := rawGet(t, proxy, "/admin/report.txt", map[string]string{"Authorization": "Bearer " + adminKey}); code != 200 || body != adminSecret {
+		t.Fatalf("control: an admin key does not read the file through the proxy: %d %q", code, body)
+	}
+	for _, p := range append(rawPathAttacks, "/admin/users") {
+		for name, h := range map[string]map[string]string{"no key": {}, "read-only key": {"Authorization": "Bearer " + readKey}} {
+			for _, forge := range []bool{false, true} {
+				hdr := map[string]string{}
+				for k, v := range h {
+					hdr[k] = v
+				}
+				if forge {
+					for k, v := range forgedOriginals {
+						hdr[k] = v
+					}
+				}
+				code, body := rawGet(t, proxy, p, hdr)
+				if code == 200 || strings.Contains(body, adminSecret) {
+					t.Errorf("%s, %s, forged headers %v: %d %q: reached the admin route", p, name, forge, code, body)
+				}
+			}
+		}
+	}
+	// The forged headers alone, on a private path.
+	if code, _ := rawGet(t, proxy, "/v1/orders", forgedOriginals); code != 401 {
+		t.Errorf("forged forwarded headers, no key: %d, want 401", code)
+	}
+	// An absolute-form request line names another path than its host part.
+	if code, body := rawGet(t, proxy, "http://public.example.com/admin/report.txt", nil); code == 200 || strings.Contains(body, adminSecret) {
+		t.Errorf("absolute-form request line: %d %q", code, body)
+	}
+}
+
+// rawGet sends a GET with target written exactly as given (no client-side
+// cleaning or escaping) and returns the status and body.
+func rawGet(t *testing.T, addr, target string, h map[string]string) (int, string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(10 * time.Second))
+	var b strings.Builder
+	fmt.Fprintf(&b, "GET %s HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\n", target)
+	for k, v := range h {
+		fmt.Fprintf(&b, "%s: %s\r\n", k, v)
+	}
+	b.WriteString("\r\n")
+	if _, err := io.WriteString(conn, b.String()); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		t.Fatalf("GET %s: %v", target, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
 }
