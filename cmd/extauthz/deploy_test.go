@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -126,9 +127,32 @@ func TestEnvoyConfigsValidate(t *testing.T) {
 					t.Errorf("%s lacks %s", f, want)
 				}
 			}
+			// The path routed and judged is the one the upstream acts on;
+			// headers with underscores cannot slip past the identity strip.
+			hcm := hcmOf(t, b)
+			if !hcm.GetNormalizePath().GetValue() || !hcm.GetMergeSlashes() ||
+				hcm.GetPathWithEscapedSlashesAction() != hcmv3.HttpConnectionManager_REJECT_REQUEST ||
+				hcm.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction() != corev3.HttpProtocolOptions_REJECT_REQUEST {
+				t.Errorf("%s: want normalize_path, merge_slashes, escaped slashes and underscores rejected", f)
+			}
+			// A route that skips ext_authz matches one exact path: a prefix
+			// would open every path that starts with it.
+			for _, vh := range hcm.GetRouteConfig().GetVirtualHosts() {
+				for _, r := range vh.GetRoutes() {
+					var per extauthzv3.ExtAuthzPerRoute
+					if cfg := r.GetTypedPerFilterConfig()["envoy.filters.http.ext_authz"]; cfg != nil && cfg.UnmarshalTo(&per) == nil &&
+						per.GetDisabled() && r.GetMatch().GetPath() == "" {
+						t.Errorf("%s: route %v skips ext_authz for more than one exact path", f, r.GetMatch())
+					}
+					if p := r.GetMatch().GetPrefix(); p != "" && p != "/" {
+						t.Errorf("%s: route prefix %q also matches %sx; use path_separated_prefix", f, p, p)
+					}
+				}
+			}
 			// Fail closed: an outage is a 503, never an allow.
-			if ea := extAuthzOf(t, b); ea.GetFailureModeAllow() || ea.GetStatusOnError().GetCode() != 503 {
-				t.Errorf("%s: failure_mode_allow %v, status_on_error %v; want fail-closed with 503", f, ea.GetFailureModeAllow(), ea.GetStatusOnError().GetCode())
+			if ea := extAuthzOf(t, b); !ea.GetValidateMutations() || ea.GetFailureModeAllow() || ea.GetStatusOnError().GetCode() != 503 {
+				t.Errorf("%s: validate_mutations %v, failure_mode_allow %v, status_on_error %v; want mutations validated, fail-closed with 503",
+					f, ea.GetValidateMutations(), ea.GetFailureModeAllow(), ea.GetStatusOnError().GetCode())
 			}
 			// header_mutation must come before ext_authz, which must come before the router.
 			order := []string{"envoy.filters.http.header_mutation", "envoy.filters.http.ext_authz", "envoy.filters.http.router"}
@@ -165,23 +189,30 @@ func TestEnvoyConfigsValidate(t *testing.T) {
 	}
 }
 
-// extAuthzOf returns the ext_authz filter config of the first listener.
-func extAuthzOf(t *testing.T, b *bootstrapv3.Bootstrap) *extauthzv3.ExtAuthz {
+// hcmOf returns the HTTP connection manager of the first listener.
+func hcmOf(t *testing.T, b *bootstrapv3.Bootstrap) *hcmv3.HttpConnectionManager {
 	t.Helper()
 	for _, l := range b.GetStaticResources().GetListeners() {
 		for _, fc := range l.GetFilterChains() {
 			for _, f := range fc.GetFilters() {
 				var hcm hcmv3.HttpConnectionManager
-				if err := f.GetTypedConfig().UnmarshalTo(&hcm); err != nil {
-					continue
-				}
-				for _, hf := range hcm.GetHttpFilters() {
-					var ea extauthzv3.ExtAuthz
-					if hf.GetTypedConfig().UnmarshalTo(&ea) == nil {
-						return &ea
-					}
+				if f.GetTypedConfig().UnmarshalTo(&hcm) == nil {
+					return &hcm
 				}
 			}
+		}
+	}
+	t.Fatal("no http_connection_manager")
+	return nil
+}
+
+// extAuthzOf returns the ext_authz filter config of the first listener.
+func extAuthzOf(t *testing.T, b *bootstrapv3.Bootstrap) *extauthzv3.ExtAuthz {
+	t.Helper()
+	for _, hf := range hcmOf(t, b).GetHttpFilters() {
+		var ea extauthzv3.ExtAuthz
+		if hf.GetTypedConfig().UnmarshalTo(&ea) == nil {
+			return &ea
 		}
 	}
 	t.Fatal("no ext_authz filter")

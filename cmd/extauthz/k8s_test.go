@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -337,11 +339,27 @@ func TestIstioOverlay(t *testing.T) {
 	if pol.GetAction() != securityv1beta1.AuthorizationPolicy_CUSTOM || !providers[pol.GetProvider().GetName()] {
 		t.Errorf("policy: action %v provider %q", pol.GetAction(), pol.GetProvider().GetName())
 	}
-	// The EnvoyFilter's patch is a valid Envoy HTTP filter that strips the identity headers.
+	if n := mesh.GetPathNormalization().GetNormalization(); n != meshv1alpha1.MeshConfig_ProxyPathNormalization_MERGE_SLASHES &&
+		n != meshv1alpha1.MeshConfig_ProxyPathNormalization_DECODE_AND_MERGE_SLASHES {
+		t.Errorf("mesh pathNormalization %v: want slashes merged after normalisation", n)
+	}
+	// The EnvoyFilter's patches: a valid Envoy HTTP filter, first, that
+	// strips the identity headers, and headers with underscores rejected.
+	underscores := false
 	for _, cp := range m.filters[0].GetConfigPatches() {
 		raw, err := protojson.Marshal(cp.GetPatch().GetValue())
 		if err != nil {
 			t.Fatal(err)
+		}
+		if cp.GetApplyTo() == networkingv1alpha3.EnvoyFilter_NETWORK_FILTER {
+			var f listenerv3.Filter
+			var hcm hcmv3.HttpConnectionManager
+			if err := protojson.Unmarshal(raw, &f); err != nil || f.GetTypedConfig().UnmarshalTo(&hcm) != nil {
+				t.Fatalf("EnvoyFilter network patch is not an http_connection_manager: %v", err)
+			}
+			underscores = hcm.GetCommonHttpProtocolOptions().GetHeadersWithUnderscoresAction() == corev3.HttpProtocolOptions_REJECT_REQUEST &&
+				cp.GetPatch().GetOperation() == networkingv1alpha3.EnvoyFilter_Patch_MERGE
+			continue
 		}
 		var hf hcmv3.HttpFilter
 		if err := protojson.Unmarshal(raw, &hf); err != nil {
@@ -357,5 +375,8 @@ func TestIstioOverlay(t *testing.T) {
 		if cp.GetPatch().GetOperation() != networkingv1alpha3.EnvoyFilter_Patch_INSERT_FIRST {
 			t.Error("the header strip must come first, before ext_authz")
 		}
+	}
+	if !underscores {
+		t.Error("the EnvoyFilter does not reject headers with underscores")
 	}
 }

@@ -7,8 +7,8 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"net/url"
+	"os"
 	"os/exec"
 	"path"
 	"path/filepath"
@@ -395,4 +395,51 @@ func rawGet(t *testing.T, addr, target string, h map[string]string) (int, string
 	defer resp.Body.Close()
 	body, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(body)
+}
+
+// TestNginxRawPathsToStaticFiles puts nginx's own file serving behind the
+// README's nginx block: every spelling of /admin/report.txt that the file
+// server resolves to that file must be denied without the admin scope.
+func TestNginxRawPathsToStaticFiles(t *testing.T) {
+	root := t.TempDir()
+	// nginx's workers run as nobody when the test runs as root.
+	os.Chmod(root, 0o755)
+	os.Chmod(filepath.Dir(root), 0o755)
+	for name, body := range map[string]string{"admin/report.txt": adminSecret, "public/index.txt": "public"} {
+		os.MkdirAll(filepath.Join(root, filepath.Dir(name)), 0o755)
+		if err := os.WriteFile(filepath.Join(root, name), []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	static := runNginx(t, nginxStaticConf, "{{root}}", root)
+	var served []string
+	for _, p := range rawPathAttacks {
+		if code, body := rawGet(t, static, p, nil); code == 200 && body == adminSecret {
+			served = append(served, p)
+		}
+	}
+	t.Logf("nginx serves the admin file for %d spellings: %v", len(served), served)
+	if len(served) < 8 {
+		t.Fatalf("control: nginx serves only %v as the admin file", served)
+	}
+	routes := filepath.Join(t.TempDir(), "routes.json")
+	os.WriteFile(routes, []byte(`{"routes":[{"path_prefix":"/admin","scopes":["admin"]},{"path_prefix":"/public","public":true}]}`), 0o600)
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes}}
+	read := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]["credential"].(string)
+	admin := c.ok("", "keys", "create", "--tenant", "ops", "--scopes", "admin")[0]["credential"].(string)
+	srv := startServer(t, c)
+	proxy := startNginx(t, "X-Forwarded", srv.addrs.HTTP, static)
+	if code, body := rawGet(t, proxy, "/public/index.txt", nil); code != 200 || body != "public" {
+		t.Fatalf("public file: %d %q", code, body)
+	}
+	if code, body := rawGet(t, proxy, "/admin/report.txt", map[string]string{"Authorization": "Bearer " + admin}); code != 200 || body != adminSecret {
+		t.Fatalf("admin key: %d %q", code, body)
+	}
+	for _, p := range served {
+		for _, h := range []map[string]string{nil, {"Authorization": "Bearer " + read}, forgedOriginals} {
+			if code, body := rawGet(t, proxy, p, h); code == 200 || strings.Contains(body, adminSecret) {
+				t.Errorf("%s with %v: %d, the admin file was served", p, h, code)
+			}
+		}
+	}
 }
