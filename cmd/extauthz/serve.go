@@ -190,6 +190,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	log.Info("serving",
 		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
 		zap.String("admin", adminLis.Addr().String()), zap.String("http_check_prefix", cfg.HTTPPrefix),
+		zap.Stringer("forwarded_headers", cfg.Forwarded), zap.Bool("keep_encoded_slashes", cfg.KeepEncodedSlashes),
 		zap.Strings("credential_sources", cfg.CredentialSources))
 	if e.ready != nil {
 		e.ready(boundAddrs{GRPC: grpcLis.Addr().String(), HTTP: httpLis.Addr().String(), Admin: adminLis.Addr().String()})
