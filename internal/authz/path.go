@@ -46,22 +46,39 @@ func CanonicalPath(raw string, o PathOptions) (string, error) {
 }
 
 // isCanonical reports whether p needs no work: printable ASCII without
-// '%', '\', '#' or ';', and no empty, "." or ".." segment.
+// '%', '\\', '#' or ';', and no empty, "." or ".." segment.
 func isCanonical(p string) bool {
 	for i := 0; i < len(p); i++ {
-		switch c := p[i]; {
-		case c <= ' ' || c >= 0x7f || c == '%' || c == '\\' || c == '#' || c == ';':
-			return false
-		case c == '/':
-			// The segment after this slash: empty (a "//"), "." or "..".
-			rest := p[i+1:]
-			if strings.HasPrefix(rest, "/") || rest == "." || rest == ".." ||
-				strings.HasPrefix(rest, "./") || strings.HasPrefix(rest, "../") {
+		c := p[i]
+		if c != '/' {
+			if !plainPathByte[c] {
 				return false
 			}
+			continue
+		}
+		// The segment after this slash: empty (a "//"), "." or "..".
+		if i+1 < len(p) && (p[i+1] == '/' || p[i+1] == '.' && isDotSegment(p[i+1:])) {
+			return false
 		}
 	}
 	return true
+}
+
+// plainPathByte marks the bytes a canonical path holds as themselves.
+var plainPathByte = func() (t [256]bool) {
+	for c := '!'; c < 0x7f; c++ {
+		t[c] = true
+	}
+	for _, c := range "%\\#;?" {
+		t[c] = false
+	}
+	return t
+}()
+
+// isDotSegment reports whether rest starts with a "." or ".." segment.
+func isDotSegment(rest string) bool {
+	seg, _, _ := strings.Cut(rest, "/")
+	return seg == "." || seg == ".."
 }
 
 func canonicalSlow(raw string, o PathOptions) (string, error) {

@@ -201,3 +201,14 @@ func trimSlash(p string) string {
 	}
 	return strings.TrimSuffix(p, "/")
 }
+
+func BenchmarkCanonicalPath(b *testing.B) {
+	for _, p := range []string{"/v1/orders/7f3a9c2e-1b4d-4e8a-9c6f-2d8e7a1b3c5d?expand=items", "/v1/%6Frders//7/../8"} {
+		b.Run(p[:10], func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				CanonicalPath(p, PathOptions{})
+			}
+		})
+	}
+}
