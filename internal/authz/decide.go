@@ -232,7 +232,7 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 		return Decision{Reason: MissingCredential}, nil
 	}
 	path, err := CanonicalPath(req.Path, s.opts.Paths)
-	if err != nil {
+	if err != nil || !isToken(req.Method) {
 		return Decision{Reason: MalformedPath}, nil
 	}
 	route := s.opts.Routes.Match(req.Host, req.Method, path)
@@ -280,6 +280,21 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	}
 	d.Reason = Allowed
 	return d, nil
+}
+
+// isToken reports whether m is an HTTP method: an RFC 9110 token of at most
+// 32 bytes. Anything else would match no rule's methods, silently.
+func isToken(m string) bool {
+	if m == "" || len(m) > 32 {
+		return false
+	}
+	for i := 0; i < len(m); i++ {
+		c := m[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("!#$%&'*+-.^_`|~", c) >= 0) {
+			return false
+		}
+	}
+	return true
 }
 
 // anyScope reports whether a comma-separated list names a scope.

@@ -190,6 +190,8 @@ func TestHTTPForwardAuth(t *testing.T) {
 				{"uri missing", map[string]string{own + "method": "GET", own + "host": "x"}, 400},
 				{"method missing", map[string]string{own + "uri": "/public/x", own + "host": "x"}, 400},
 				{"host missing", map[string]string{own + "method": "GET", own + "uri": "/public/x"}, 400},
+				{"two methods in one line", orig("GET, POST", "/v1/items", "admin.example.com", map[string]string{"x-api-key": key}), 400},
+				{"not a method", orig("PO ST", "/v1/items", "admin.example.com", map[string]string{"x-api-key": key}), 400},
 			} {
 				r := send(t, srv, "GET", "/check", tc.h)
 				if r.code != tc.code {

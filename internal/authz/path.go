@@ -3,12 +3,14 @@ package authz
 import (
 	"errors"
 	"strings"
+	"unicode/utf8"
 )
 
 // ErrMalformedPath is a request path whose meaning would depend on how the
 // upstream decodes it (an encoded "/" or "\", a backslash, a control byte,
-// invalid percent-encoding, a ";" that Tomcat and Jetty strip with what
-// follows and other servers keep), or that is not an absolute path at all.
+// invalid percent-encoding, bytes that are not UTF-8, a ";" that Tomcat and
+// Jetty strip with what follows and other servers keep), or that is not an
+// absolute path at all.
 // Such a request is denied with 400.
 var ErrMalformedPath = errors.New("authz: malformed path")
 
@@ -86,6 +88,7 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 	// data (kept as %2F) or an error.
 	var segs []string
 	var seg strings.Builder
+	decoded := make([]byte, 0, len(raw))
 	trailing := false
 	flush := func() {
 		s := seg.String()
@@ -131,8 +134,14 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 			return "", ErrMalformedPath
 		}
 		writeCanonical(&seg, c)
+		decoded = append(decoded, c)
 	}
 	flush()
+	if !utf8.Valid(decoded) {
+		// Overlong forms (%C0%AE is "." to some old decoders) and other
+		// bytes whose meaning is the upstream's to choose.
+		return "", ErrMalformedPath
+	}
 	if len(segs) == 0 {
 		return "/", nil
 	}

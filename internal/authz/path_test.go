@@ -47,6 +47,7 @@ func TestCanonicalPath(t *testing.T) {
 		"/public%2F..%2Fadmin", "/public%2f..", "/a%5Cb", "/a%5c..%5cadmin",
 		"/a\\b", "/public/..\\admin", "/a%00", "/a%0a", "/a%7F", "/a\x00", "/a\tb", "/a b", "/a\x7f",
 		"/a%", "/a%2", "/a%zz", "/a%g0", "/a#frag", "/public/..;/admin", "/admin;x/users", "/a;b",
+		"/%C0%AE%C0%AE/admin", "/a%FF", "/a\xff", "/caf%C3",
 	} {
 		if got, err := CanonicalPath(raw, PathOptions{}); err == nil {
 			t.Errorf("CanonicalPath(%q) = %q, want malformed", raw, got)

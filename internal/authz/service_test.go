@@ -339,6 +339,9 @@ func TestRoutes(t *testing.T) {
 		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, nil))
 		checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
 	}
+	// A method that is not one matches no rule's methods: not judged either.
+	r, _ = e.svc.Check(ctx(t), req("POST, GET", "api.example.com", "/v1/orders", key))
+	checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
 	for _, c := range [][3]string{{"GET", "api.example.com", "/v1/orders"}, {"POST", "example.org", "/v1/orders"}} {
 		r, _ = e.svc.Check(ctx(t), req(c[0], c[1], c[2], key))
 		if r.GetStatus().GetCode() != 0 {
