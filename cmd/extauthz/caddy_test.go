@@ -22,6 +22,8 @@ http://{{listen}} {
 		request_header -X-Tenant-Id
 		request_header -X-Api-Key-Id
 		request_header -X-Api-Key-Scopes
+		# x_tenant_id would reach WSGI and CGI apps as X-Tenant-Id.
+		request_header -*_*
 		forward_auth {{extauthz}} {
 			uri /check
 			copy_headers X-Tenant-Id X-Api-Key-Id X-Api-Key-Scopes

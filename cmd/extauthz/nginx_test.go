@@ -278,6 +278,20 @@ func testForwardAuthProxy(t *testing.T, fam string, start func(t *testing.T, fam
 			t.Fatal("the credential reached the upstream")
 		}
 	}
+	// Underscored names would reach WSGI and CGI apps as the identity
+	// headers (x_tenant_id is HTTP_X_TENANT_ID): the proxy drops them.
+	if code, _ := get("/v1/orders", map[string]string{"authorization": "Bearer " + cred, "x_tenant_id": "forged", "X_Api_Key_Scopes": "admin"}); code != 200 {
+		t.Fatalf("with a key and underscored headers: %d", code)
+	}
+	if seen, _ := up.seen(); seen.Get("x-tenant-id") != "acme" {
+		t.Fatalf("upstream saw tenant %q", seen.Get("x-tenant-id"))
+	} else {
+		for name := range seen {
+			if strings.Contains(name, "_") {
+				t.Errorf("upstream received %s: %q", name, seen[name])
+			}
+		}
+	}
 	// A key without scopes: a client's own x-api-key-scopes must not pass either.
 	bare := c.ok("", "keys", "create", "--tenant", "beta")[0]["credential"].(string)
 	if code, _ := get("/v1/orders", map[string]string{"authorization": "Bearer " + bare, "x-api-key-scopes": "admin"}); code != 200 {
