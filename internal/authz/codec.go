@@ -121,6 +121,9 @@ func (a *allowBufferPool) Get(int) *[]byte {
 }
 
 func (a *allowBufferPool) Put(bp *[]byte) {
+	if cap(*bp) != allowBufSize {
+		return // grown past the usual size by one large principal: not kept
+	}
 	*bp = (*bp)[:0]
 	a.p.Put(bp)
 }

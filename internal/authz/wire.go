@@ -64,11 +64,24 @@ type wireRequest struct {
 // reset empties w for reuse. The old views are cleared too, so that a
 // pooled request does not keep the last one's buffer, credential
 // included, reachable.
+// Slices grown past maxPooledHeaders by one large request are dropped,
+// not kept in the pool at that size.
 func (w *wireRequest) reset() {
 	clear(w.headers)
 	clear(w.lines)
-	*w = wireRequest{headers: w.headers[:0], lines: w.lines[:0]}
+	headers, lines := w.headers[:0], w.lines[:0]
+	if cap(headers) > maxPooledHeaders {
+		headers = nil
+	}
+	if cap(lines) > maxPooledHeaders {
+		lines = nil
+	}
+	*w = wireRequest{headers: headers, lines: lines}
 }
+
+// maxPooledHeaders is the most header slots a pooled request keeps:
+// more than Envoy's default limit of 100 request headers.
+const maxPooledHeaders = 256
 
 // unmarshal decodes b, which w keeps. It follows protobuf's merge rules as
 // the stock decoder does: a repeated singular field's last value wins,
