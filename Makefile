@@ -38,6 +38,10 @@ e2e-caddy: ## build Caddy from the Go module proxy and run the forward_auth end-
 	GOBIN=$(CURDIR)/bin $(GO) install github.com/caddyserver/caddy/v2/cmd/caddy@$(CADDY_VERSION)
 	EXTAUTHZ_TEST_CADDY=$(CURDIR)/bin/caddy $(GO) test -count=1 -run '^TestCaddyForwardAuth$$' -v ./cmd/extauthz
 
+.PHONY: propagation
+propagation: ## revocation propagation figures, failing any revocation slower than a second (run on a quiet machine)
+	EXTAUTHZ_TEST_STRICT_PROPAGATION=1 $(GO) test -count=1 -run '^(TestPropagationLag|TestTwoReplicasRevocationByEveryPath)$$' -v ./cmd/extauthz | grep -E '^(=== RUN|--- |\s+replicas_test.go:.*(revocations|denied on both)|ok|FAIL|PASS)'
+
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzExtract$$' -fuzztime $(FUZZTIME) ./internal/tokens

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/url"
+	"os"
 	"regexp"
 	"slices"
 	"strconv"
@@ -79,19 +80,33 @@ func startReplica(t *testing.T, c *cli) *replica {
 	}}
 }
 
-// deniedEverywhere polls every replica until all deny cred, failing past a
-// second, and returns how long that took.
+// deniedEverywhere polls every replica until all deny cred, failing past
+// propagationDeadline, and returns how long that took from start.
 func deniedEverywhere(t *testing.T, start time.Time, cred string, rs ...*replica) time.Duration {
 	t.Helper()
+	deadline := propagationDeadline()
 	for _, r := range rs {
 		for r.allowed(cred) {
-			if time.Since(start) > time.Second {
-				t.Fatalf("still allowed on %s after a second", r.srv.addrs.GRPC)
+			if time.Since(start) > deadline {
+				t.Fatalf("still allowed on %s after %v", r.srv.addrs.GRPC, deadline)
 			}
 			time.Sleep(time.Millisecond)
 		}
 	}
 	return time.Since(start)
+}
+
+// propagationDeadline is how long a revocation may take to reach every
+// replica before a test fails. The product's bound is a second (SPEC 4);
+// `make propagation` holds the tests to it (EXTAUTHZ_TEST_STRICT_PROPAGATION)
+// on a quiet machine and reports the figures. `make test` allows 5 s, which
+// only a lost invalidation exceeds (a cached decision lives 5 minutes),
+// so that a busy machine's scheduling cannot fail it.
+func propagationDeadline() time.Duration {
+	if os.Getenv("EXTAUTHZ_TEST_STRICT_PROPAGATION") != "" {
+		return time.Second
+	}
+	return 5 * time.Second
 }
 
 func TestTwoReplicasRevocationByEveryPath(t *testing.T) {
