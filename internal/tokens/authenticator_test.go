@@ -3,12 +3,14 @@ package tokens
 import (
 	"context"
 	"errors"
-	"github.com/extauthz/extauthz/internal/racecheck"
+	"fmt"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/extauthz/extauthz/internal/racecheck"
 )
 
 var testPeppers = []Pepper{{ID: "p1", Secret: []byte(strings.Repeat("k", 32))}}
@@ -271,6 +273,37 @@ func TestNegativeCacheAndTTLs(t *testing.T) {
 	f.clock.Add(2 * time.Second)
 	if _, err := f.a.Authenticate(ctx, cred); err != nil || f.store.lookups.Load() != 3 {
 		t.Fatalf("after TTL: err = %v, lookups %d, want 3", err, f.store.lookups.Load())
+	}
+}
+
+// EXTAUTHZ_CACHE_SIZE=2 once served 5 distinct keys from the process
+// cache: the size is a bound on what is held, not a per-shard hint.
+func TestCacheSizeBoundsDistinctKeys(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Options{CacheSize: 2})
+	ctx := context.Background()
+	var creds []Credential
+	for i := range 5 {
+		tok, err := GenerateToken()
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.addToken(fmt.Sprint("t", i), "acme", tok)
+		creds = append(creds, mustParse(t, tok))
+	}
+	for range 3 {
+		for _, c := range creds {
+			if _, err := f.a.Authenticate(ctx, c); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if n := f.a.Cache().Len(); n > 2 {
+		t.Fatalf("cache holds %d entries, want at most 2", n)
+	}
+	// Each round of 5 keys finds at most 2 of them cached.
+	if hits := f.a.Stats().CacheHits.Load(); hits > 2*2 {
+		t.Fatalf("%d cache hits over two rounds of 5 distinct keys, want at most 4", hits)
 	}
 }
 

@@ -13,6 +13,8 @@ const (
 	cacheStale // past its TTL but within the allowed staleness
 )
 
+// cacheShards is the most shards a cache is split into: a power of two,
+// so that a digest byte picks one with a mask.
 const cacheShards = 32
 
 // Cache is a bounded in-process map from credential digest to decision,
@@ -20,12 +22,20 @@ const cacheShards = 32
 // Eviction is SIEVE per shard: a hit only sets a bit under a read lock,
 // and the eviction hand spares entries hit since it last passed.
 //
+// The bound is exact: the shards' capacities add up to the size given to
+// NewCache, so the cache never holds more entries than that. A cache
+// smaller than cacheShards uses fewer shards (a power of two, at most the
+// size), so each shard holds at least one entry.
+//
 // Entries live in chunked arrays linked by index, and the map holds
 // indexes: besides the decisions themselves, the cache gives the garbage
 // collector no objects to chase and no map to scan. At 100,000 keys the
 // collector's mark phase is what lengthens a check's tail latency.
 type Cache struct {
-	shards  [cacheShards]cacheShard
+	shards [cacheShards]cacheShard
+	// mask picks a shard from a digest byte: the number of shards in use
+	// minus one.
+	mask    uint8
 	evicted atomic.Uint64
 }
 
@@ -60,23 +70,34 @@ type cacheEntry struct {
 	visited    atomic.Bool
 }
 
-// NewCache holds at most size entries (at least one per shard).
+// NewCache holds at most size entries (at least one).
 func NewCache(size int) *Cache {
-	c := &Cache{}
-	per := (size + cacheShards - 1) / cacheShards
-	if per < 1 {
-		per = 1
+	size = max(size, 1)
+	n := cacheShards
+	for n > size {
+		n /= 2
 	}
+	c := &Cache{mask: uint8(n - 1)}
 	for i := range c.shards {
 		s := &c.shards[i]
-		s.m = make(map[uint64]int32, per)
-		s.capacity = per
 		s.free, s.head, s.tail, s.hand = none, none, none, none
+		if i >= n {
+			continue // never picked: empty, with no capacity
+		}
+		// The remainder goes one entry each to the first shards, so that
+		// the capacities add up to size exactly.
+		s.capacity = size / n
+		if i < size%n {
+			s.capacity++
+		}
+		s.m = make(map[uint64]int32, s.capacity)
 	}
 	return c
 }
 
-func (c *Cache) shard(k *Digest) *cacheShard { return &c.shards[k[0]%cacheShards] }
+// shard picks the shard of a digest. The second mask is a constant the
+// compiler sees, so the index needs no bounds check.
+func (c *Cache) shard(k *Digest) *cacheShard { return &c.shards[k[0]&c.mask&(cacheShards-1)] }
 
 // slot is the map index of a digest: bytes 8..16, independent of the byte
 // that picks the shard.

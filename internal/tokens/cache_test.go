@@ -17,17 +17,40 @@ func digestOf(i int) Digest {
 	return sha256.Sum256(b[:])
 }
 
+// The bound is exact for every size: EXTAUTHZ_CACHE_SIZE=2 once held 64
+// entries (one per shard at least).
 func TestCacheBounded(t *testing.T) {
 	t.Parallel()
-	c := NewCache(cacheShards * 10)
-	for i := range 10000 {
-		c.put(digestOf(i), &decision{}, 100, 100)
-	}
-	if n := c.Len(); n > cacheShards*10 {
-		t.Fatalf("len = %d, want <= %d", n, cacheShards*10)
-	}
-	if c.Evictions() == 0 {
-		t.Fatal("no evictions counted")
+	for _, size := range []int{0, 1, 2, 3, 5, 16, 31, 32, 33, 100, 1000, 4097} {
+		t.Run(fmt.Sprint(size), func(t *testing.T) {
+			t.Parallel()
+			c := NewCache(size)
+			want, total := max(size, 1), 0
+			for i := range c.shards {
+				total += c.shards[i].capacity
+			}
+			if total != want {
+				t.Fatalf("shard capacities add up to %d, want %d", total, want)
+			}
+			for i := range 20 * want {
+				c.put(digestOf(i), &decision{}, 100, 100)
+				if n := c.Len(); n > want {
+					t.Fatalf("after %d puts: len = %d, want <= %d", i+1, n, want)
+				}
+			}
+			if c.Evictions() == 0 {
+				t.Fatal("no evictions counted")
+			}
+			hits := 0
+			for i := range 20 * want {
+				if _, st := c.get(digestOf(i), 0); st != cacheMiss {
+					hits++
+				}
+			}
+			if hits > want {
+				t.Fatalf("%d distinct digests answered from a cache of %d", hits, want)
+			}
+		})
 	}
 }
 
@@ -89,7 +112,7 @@ func TestCacheConcurrent(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if c.Len() > 500+cacheShards {
+	if c.Len() > 500 {
 		t.Fatalf("len %d over bound", c.Len())
 	}
 	// The linked lists, the maps and the free lists agree.
