@@ -167,10 +167,12 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			*dst = v
 		}
 	}
-	dur := func(name string, dst *time.Duration, min time.Duration) {
+	// dur reads a duration of at least min; it reports false when the
+	// value was set and invalid, so that checks across settings skip it.
+	dur := func(name string, dst *time.Duration, min time.Duration) bool {
 		v, ok := get(name)
 		if !ok {
-			return
+			return true
 		}
 		d, err := time.ParseDuration(v)
 		switch {
@@ -180,7 +182,9 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			bad(name, "%s is below the minimum %s", d, min)
 		default:
 			*dst = d
+			return true
 		}
+		return false
 	}
 	boolean := func(name string, dst *bool) {
 		v, ok := get(name)
@@ -324,15 +328,21 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	str("ROUTES", &c.RoutesFile)
 
 	count("CACHE_SIZE", &c.CacheSize, 1, "a positive number of entries")
-	dur("CACHE_TTL", &c.CacheTTL, time.Second)
-	dur("NEGATIVE_TTL", &c.NegativeTTL, time.Second)
+	ttlOK := dur("CACHE_TTL", &c.CacheTTL, time.Second)
+	// Sub-second negative caching is sensible (a new key is found sooner);
+	// below 100ms it would no longer shield the store from a flood.
+	negOK := dur("NEGATIVE_TTL", &c.NegativeTTL, 100*time.Millisecond)
 	dur("MAX_STALE", &c.MaxStale, 0)
 	dur("STORE_TIMEOUT", &c.StoreTimeout, time.Millisecond)
 	dur("SHUTDOWN_DELAY", &c.ShutdownDelay, 0)
 	dur("SHUTDOWN_TIMEOUT", &c.ShutdownTimeout, time.Second)
 	dur("USAGE_INTERVAL", &c.UsageInterval, 100*time.Millisecond)
 	count("USAGE_MAX_PENDING", &c.UsageMaxPending, 1, "a positive number of keys")
-	if c.NegativeTTL > c.CacheTTL {
+	// Only between two valid values: a problem is reported once. Unset, the
+	// negative TTL follows a shorter TTL down rather than refuse it.
+	if _, set := get("NEGATIVE_TTL"); !set {
+		c.NegativeTTL = min(c.NegativeTTL, c.CacheTTL)
+	} else if ttlOK && negOK && c.NegativeTTL > c.CacheTTL {
 		bad("NEGATIVE_TTL", "%s is longer than EXTAUTHZ_CACHE_TTL %s", c.NegativeTTL, c.CacheTTL)
 	}
 	if v, ok := get("LOG_LEVEL"); ok {

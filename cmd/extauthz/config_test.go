@@ -100,7 +100,7 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_REALM":              `a"b`,
 		"EXTAUTHZ_CACHE_SIZE":         "-1",
 		"EXTAUTHZ_CACHE_TTL":          "five minutes",
-		"EXTAUTHZ_NEGATIVE_TTL":       "1ms",
+		"EXTAUTHZ_NEGATIVE_TTL":       "99ms",
 		"EXTAUTHZ_MAX_STALE":          "-1s",
 		"EXTAUTHZ_STORE_TIMEOUT":      "0s",
 		"EXTAUTHZ_SHUTDOWN_DELAY":     "soon",
@@ -160,6 +160,51 @@ func TestConfigNeverPrintsSecrets(t *testing.T) {
 	_, err = loadConfig(lookupMap(map[string]string{"EXTAUTHZ_HMAC_SECRETS": "k1:" + secret[:20]}))
 	if err == nil || strings.Contains(err.Error(), secret[:20]) {
 		t.Errorf("error echoes the pepper: %v", err)
+	}
+}
+
+// EXTAUTHZ_NEGATIVE_TTL=500ms with EXTAUTHZ_CACHE_TTL=1s was refused, and
+// reported twice.
+func TestConfigNegativeTTL(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name, ttl, neg string
+		want           time.Duration // 0: an error
+		wantErrs       int
+	}{
+		{"sub-second", "1s", "500ms", 500 * time.Millisecond, 0},
+		{"minimum", "1s", "100ms", 100 * time.Millisecond, 0},
+		{"below the minimum, once", "1s", "50ms", 0, 1},
+		{"longer than the TTL", "1s", "2s", 0, 1},
+		{"unset follows a short TTL", "10s", "", 10 * time.Second, 0},
+		{"unset with the default TTL", "", "", 30 * time.Second, 0},
+		{"invalid TTL is not also a comparison", "soon", "1s", 0, 1},
+		{"both invalid", "soon", "later", 0, 2},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := map[string]string{}
+			if tc.ttl != "" {
+				env["EXTAUTHZ_CACHE_TTL"] = tc.ttl
+			}
+			if tc.neg != "" {
+				env["EXTAUTHZ_NEGATIVE_TTL"] = tc.neg
+			}
+			c, err := loadConfig(lookupMap(env))
+			if tc.wantErrs == 0 {
+				if err != nil || c.NegativeTTL != tc.want {
+					t.Fatalf("negative TTL %v, err %v; want %v", c.NegativeTTL, err, tc.want)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			if n := len(strings.Split(err.Error(), "\n")); n != tc.wantErrs {
+				t.Fatalf("%d problems reported, want %d: %v", n, tc.wantErrs, err)
+			}
+		})
 	}
 }
 
