@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -120,10 +119,7 @@ func (c *Config) StoreDescription() string {
 	if c.StoreKind() == "file" {
 		return "file:" + c.FilePath()
 	}
-	if u, err := url.Parse(c.Store); err == nil {
-		return u.Redacted()
-	}
-	return "postgres"
+	return maskURL(c.Store)
 }
 
 // RedisDescription names the Redis URL for logs, without credentials.
@@ -131,10 +127,7 @@ func (c *Config) RedisDescription() string {
 	if c.RedisURL == "" {
 		return "none"
 	}
-	if u, err := url.Parse(c.RedisURL); err == nil {
-		return u.Redacted() + " (" + c.RedisMode + ")"
-	}
-	return "redis (" + c.RedisMode + ")"
+	return maskURL(c.RedisURL) + " (" + c.RedisMode + ")"
 }
 
 // String never prints a pepper or a DSN password.
@@ -225,8 +218,8 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	if c.Store != "" {
 		switch {
 		case c.StoreKind() == "postgres":
-			if _, err := url.Parse(c.Store); err != nil {
-				bad("STORE", "not a valid postgres URL")
+			if err := checkPostgresURL(c.Store); err != nil {
+				bad("STORE", "%v", err)
 			}
 		case strings.HasPrefix(c.Store, "file:") && len(c.Store) > len("file:"):
 		default:
@@ -255,10 +248,8 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 	}
 	if v, ok := get("REDIS_URL"); ok {
 		// Parsed now (no connection is made) so a bad URL fails at start.
-		if rdb, err := rediscache.NewClient(v, c.RedisMode); err != nil {
+		if err := checkRedisURL(v, c.RedisMode); err != nil {
 			bad("REDIS_URL", "%v", err)
-		} else {
-			rdb.Close()
 		}
 		c.RedisURL = v
 	}

@@ -163,6 +163,55 @@ func TestConfigNeverPrintsSecrets(t *testing.T) {
 	}
 }
 
+// Secrets in connection URLs, wherever the URL puts them, never reach a
+// description (logged at start) or a configuration error.
+func TestConfigURLSecretsMasked(t *testing.T) {
+	t.Parallel()
+	cases := []struct {
+		name    string
+		env     map[string]string
+		secrets []string
+		wantErr string // "" = valid
+	}{
+		{"postgres query password", map[string]string{"EXTAUTHZ_STORE": "postgres://u@db:5432/keys?sslmode=disable&password=s3cr3tPW"}, []string{"s3cr3tPW"}, ""},
+		{"postgres sslpassword and userinfo", map[string]string{"EXTAUTHZ_STORE": "postgres://u:Userinfo9@db/keys?sslpassword=SslPass9"}, []string{"Userinfo9", "SslPass9"}, ""},
+		{"postgres password with slash", map[string]string{"EXTAUTHZ_STORE": "postgres://u:12345/Slashed9@db/keys"}, []string{"Slashed9"}, "EXTAUTHZ_STORE"},
+		{"sentinel query password", map[string]string{"EXTAUTHZ_REDIS_MODE": "sentinel", "EXTAUTHZ_REDIS_URL": "redis://:Auth9pw@s1:26379/0?master_name=m&addr=s2:26379&password=Sentinel9"}, []string{"Auth9pw", "Sentinel9"}, ""},
+		{"redis password with slash", map[string]string{"EXTAUTHZ_REDIS_URL": "redis://:Alpha1/Bravo2@cache:6379/0"}, []string{"Alpha1", "Bravo2"}, "EXTAUTHZ_REDIS_URL"},
+		{"redis password with hash", map[string]string{"EXTAUTHZ_REDIS_URL": "redis://:Alpha1#Bravo2@cache:6379/0"}, []string{"Alpha1", "Bravo2"}, "EXTAUTHZ_REDIS_URL"},
+		{"redis password with slash and hash", map[string]string{"EXTAUTHZ_REDIS_URL": "redis://user:Alpha1/Bravo2#Charlie3@cache:6379"}, []string{"Alpha1", "Bravo2", "Charlie3"}, "EXTAUTHZ_REDIS_URL"},
+		{"redis password with question mark", map[string]string{"EXTAUTHZ_REDIS_URL": "redis://:Alpha1?Bravo2@cache:6379"}, []string{"Alpha1", "Bravo2"}, "EXTAUTHZ_REDIS_URL"},
+		{"redis bad db beside a password", map[string]string{"EXTAUTHZ_REDIS_URL": "redis://:Alpha1@cache:6379/nine"}, []string{"Alpha1"}, "nine"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := map[string]string{"EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			c, err := loadConfig(lookupMap(env))
+			var shown string
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("err = %v", err)
+			case tc.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tc.wantErr)):
+				t.Fatalf("err = %v, want one naming %s", err, tc.wantErr)
+			case err != nil:
+				shown = err.Error()
+			default:
+				shown = c.String() + " " + c.StoreDescription() + " " + c.RedisDescription()
+			}
+			for _, s := range tc.secrets {
+				if strings.Contains(shown, s) {
+					t.Errorf("%q shown: %s", s, shown)
+				}
+			}
+			t.Log(shown)
+		})
+	}
+}
+
 // EXTAUTHZ_NEGATIVE_TTL=500ms with EXTAUTHZ_CACHE_TTL=1s was refused, and
 // reported twice.
 func TestConfigNegativeTTL(t *testing.T) {
