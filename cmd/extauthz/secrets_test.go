@@ -3,6 +3,8 @@ package main
 import (
 	"strings"
 	"testing"
+
+	"github.com/extauthz/extauthz/internal/testsvc"
 )
 
 // Attacks on what extauthz prints (issue 9, finding 4): secrets in the
@@ -29,5 +31,40 @@ func TestServeNeverLogsURLSecrets(t *testing.T) {
 		if strings.Contains(logs, s) {
 			t.Errorf("the log holds %s:\n%s", s, logs)
 		}
+	}
+}
+
+// /readyz showed pgx's error: the database user, name and host.
+func TestReadinessHidesConnectionDetails(t *testing.T) {
+	t.Parallel()
+	dsn := testsvc.NewDatabase(t) // reachable, but not migrated
+	cases := []struct {
+		name, store, want string
+		hidden            []string
+	}{
+		{"unreachable", "postgres://Wallace_user@127.0.0.1:1/Gromit_db?sslmode=disable", "unreachable", []string{"Wallace_user", "Gromit_db", "127.0.0.1"}},
+		{"not migrated", dsn, "run: extauthz migrate", []string{"extauthz_test_", "127.0.0.1", "postgres"}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c := &cli{t: t, env: map[string]string{"EXTAUTHZ_STORE": tc.store, "EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32}}
+			srv := startServer(t, c)
+			var body string
+			eventually3s(t, "readiness says why", func() bool {
+				var code int
+				code, body = httpGet(t, "http://"+srv.addrs.HTTP+"/readyz")
+				return code == 503 && strings.Contains(body, tc.want)
+			})
+			for _, h := range tc.hidden {
+				if strings.Contains(body, h) {
+					t.Errorf("/readyz shows %q: %s", h, body)
+				}
+			}
+			// The operator still finds the cause in the log.
+			if !strings.Contains(srv.log.String(), `"msg":"readiness changed"`) || !strings.Contains(srv.log.String(), `"error":`) {
+				t.Errorf("the log lacks the readiness error:\n%s", srv.log)
+			}
+		})
 	}
 }

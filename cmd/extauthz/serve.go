@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"strings"
 	"sync"
 	"time"
 
@@ -18,6 +17,7 @@ import (
 
 	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/pgstore"
 	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
@@ -247,7 +247,7 @@ func closeBounded(store tokens.Store, bound time.Duration, log *zap.Logger) {
 // being served from cache.
 func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, log *zap.Logger) {
 	contacted := false
-	lastState := ""
+	last := ""
 	for {
 		pctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		err := store.Ping(pctx)
@@ -260,16 +260,17 @@ func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, lo
 		case contacted:
 			state = "degraded: key store unreachable; serving cached decisions"
 		default:
-			state = "not ready: no key store contact yet: " + strings.ReplaceAll(err.Error(), "\n", " ")
+			state = "not ready: no key store contact yet: " + storeProblem(err)
 		}
 		h.SetReady(contacted, state)
-		if state != lastState {
+		// The log, for the operator, has the error itself.
+		if now := state + fmt.Sprint(err); now != last {
 			if err != nil {
-				log.Warn("readiness changed", zap.String("state", state))
+				log.Warn("readiness changed", zap.String("state", state), zap.Error(err))
 			} else {
 				log.Info("readiness changed", zap.String("state", state))
 			}
-			lastState = state
+			last = now
 		}
 		wait := 2 * time.Second
 		if !contacted {
@@ -281,4 +282,17 @@ func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, lo
 		case <-time.After(wait):
 		}
 	}
+}
+
+// storeProblem says what keeps the store from being used, for /readyz,
+// which whoever reaches the HTTP port may read: never the error's text,
+// which (pgx's) names the database user, database and host.
+func storeProblem(err error) string {
+	switch {
+	case errors.Is(err, pgstore.ErrSchema):
+		return "schema not migrated (run: extauthz migrate)"
+	case errors.Is(err, context.DeadlineExceeded):
+		return "the key store did not answer in time"
+	}
+	return "the key store is unreachable or unreadable (the log says why)"
 }
