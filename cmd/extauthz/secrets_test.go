@@ -1,6 +1,10 @@
 package main
 
 import (
+	"context"
+	"io"
+	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 
@@ -67,4 +71,102 @@ func TestReadinessHidesConnectionDetails(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A real key sent where no credential is read (the path, a query,
+// x-request-id, the host), over HTTP and gRPC, allowed or denied, never
+// reaches the log.
+func TestServeNeverLogsKeysFromTheRequest(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+	k := c.ok("", "keys", "create", "--tenant", "acme")[0]
+	tk := c.ok("", "keys", "create", "--tenant", "acme", "--kind", "token")[0]
+	pair, token := k["credential"].(string), tk["credential"].(string)
+	srv := startServer(t, c) // at debug: allows are logged too
+	hc := &http.Client{}
+	send := func(path string, h map[string]string) {
+		t.Helper()
+		req, err := http.NewRequest("GET", "http://"+srv.addrs.HTTP+"/check"+path, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k, v := range h {
+			req.Header.Set(k, v)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	pathEsc := url.PathEscape(pair)
+	send("/v1/"+pair+"/orders", nil)
+	send("/v1/"+pathEsc+"?api_key="+pair, nil)
+	send("/v1/%74"+token[1:], nil) // %74 is t
+	send("/v1/orders", map[string]string{"x-request-id": "Bearer " + token})
+	send("/v1/orders", map[string]string{"x-request-id": pair, "authorization": "Bearer " + pair}) // allowed
+	send("/v1/"+token, map[string]string{"x-api-key": token})                                      // allowed
+	// Forward-auth mode: the original request in forwarded headers.
+	send("", map[string]string{"x-forwarded-uri": "/v1/" + pair, "x-forwarded-host": token + ".example.com", "x-forwarded-method": token,
+		"x-original-uri": "/" + token, "x-original-method": pair})
+	authz, _ := srv.client(t)
+	for _, h := range []map[string]string{
+		{"x-request-id": token},
+		{"x-request-id": "id:" + pair, "authorization": "Bearer " + pair},
+	} {
+		r := checkReq(h)
+		r.Attributes.Request.Http.Path = "/v1/" + token + "/x"
+		r.Attributes.Request.Http.Host = pair
+		if _, err := authz.Check(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if code := srv.stop(); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	logs := srv.log.String()
+	if n := strings.Count(logs, `"msg":"allowed"`); n < 3 {
+		t.Fatalf("%d allows logged, want 3 at least:\n%s", n, logs)
+	}
+	for _, s := range []string{pair[3:strings.IndexByte(pair, ':')], pair[strings.IndexByte(pair, ':')+4:], token[3:]} {
+		if strings.Contains(logs, s) {
+			t.Fatalf("a credential reached the log:\n%s", logs)
+		}
+	}
+}
+
+// A flood of 3,000 requests with 16 KiB paths wrote 41 MiB of log.
+func TestLogFloodOfLongPathsIsBounded(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+	srv := startServer(t, c)
+	hc := &http.Client{}
+	long := "/" + strings.Repeat("a", 16<<10)
+	for i := range 3000 {
+		req, err := http.NewRequest("GET", "http://"+srv.addrs.HTTP+"/check"+long, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("x-request-id", strings.Repeat("r", 4<<10))
+		resp, err := hc.Do(req)
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	srv.stop()
+	logs := srv.log.String()
+	lines := strings.Split(strings.TrimSpace(logs), "\n")
+	for _, l := range lines {
+		if len(l) > 1<<10 {
+			t.Fatalf("a log line of %d bytes: %.200s...", len(l), l)
+		}
+	}
+	// Even unsampled, 3,000 lines of at most 1 KiB.
+	if len(logs) > 3000<<10 {
+		t.Fatalf("%d bytes of log", len(logs))
+	}
+	t.Logf("3,000 requests with 16 KiB paths and 4 KiB request ids: %d log lines, %d bytes", len(lines), len(logs))
 }

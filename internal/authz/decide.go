@@ -321,8 +321,20 @@ func hasScopeList(p *tokens.Principal, list string) bool {
 	return true
 }
 
+// Bounds on what a decision's log line quotes from the request: a flood of
+// long paths must not become a flood of log bytes.
+const (
+	maxLoggedMethod    = 32
+	maxLoggedHost      = 256
+	maxLoggedPath      = 256
+	maxLoggedRequestID = 128
+)
+
 // logDecision logs allows at Debug and denials at Info, naming the reason
-// and the key when known. It never logs a header value or the query string.
+// and the key when known. It never logs a credential header's value or the
+// query string; what it quotes from the request (method, host, path,
+// request id) goes through tokens.Redact, so that a credential sent in any
+// of them is replaced, and a long value is cut.
 func (s *Service) logDecision(req *Request, d *Decision, err error, elapsed time.Duration) {
 	lvl := zap.InfoLevel
 	msg := "denied"
@@ -342,8 +354,9 @@ func (s *Service) logDecision(req *Request, d *Decision, err error, elapsed time
 	}
 	fields := []zap.Field{
 		zap.String("reason", d.Reason.String()),
-		zap.String("method", req.Method),
-		zap.String("path", path),
+		zap.String("method", tokens.Redact(req.Method, maxLoggedMethod)),
+		zap.String("host", tokens.Redact(req.Host, maxLoggedHost)),
+		zap.String("path", tokens.Redact(path, maxLoggedPath)),
 		zap.Duration("elapsed", elapsed),
 	}
 	if d.Result.KeyID != "" {
@@ -357,7 +370,7 @@ func (s *Service) logDecision(req *Request, d *Decision, err error, elapsed time
 		id, _ = req.Header.Get("x-request-id")
 	}
 	if id != "" {
-		fields = append(fields, zap.String("request_id", id))
+		fields = append(fields, zap.String("request_id", tokens.Redact(id, maxLoggedRequestID)))
 	}
 	if err != nil {
 		fields = append(fields, zap.Error(err))

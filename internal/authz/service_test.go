@@ -407,3 +407,82 @@ func TestDenialLog(t *testing.T) {
 		t.Fatal("credential logged")
 	}
 }
+
+// A credential sent where no credential is read (path, query, host,
+// method, request id), plain or percent-encoded, never reaches the
+// decision log, whatever the decision; long values are cut.
+func TestDecisionLogRedactsCredentialsAnywhere(t *testing.T) {
+	t.Parallel()
+	core, logs := observer.New(zap.DebugLevel)
+	e := newEnv(t, Options{Logger: zap.New(core)})
+	is := e.issue(t, tokens.IssueParams{Kind: tokens.KindPair})
+	tok := e.issue(t, tokens.IssueParams{Kind: tokens.KindToken})
+	pair, token := is.Credential, tok.Credential
+	enc := func(s string) string { return "%" + fmt.Sprintf("%02x", s[0]) + s[1:] } // %70k_...
+	cases := []struct {
+		name string
+		req  Request
+	}{
+		{"pair in the path", Request{Path: "/v1/" + pair + "/orders"}},
+		{"token in the path, encoded", Request{Path: "/v1/" + enc(token)}},
+		{"pair in the query (never logged)", Request{Path: "/v1/orders?key=" + pair}},
+		{"token in the request id", Request{ID: "req-" + token}},
+		{"bearer in the request id", Request{ID: "Bearer " + token}},
+		{"token in x-request-id", Request{Header: tokens.HeaderFunc(func(n string) (string, bool) {
+			if n == "x-request-id" {
+				return "id " + pair, true
+			}
+			return "", false
+		})}},
+		{"token in the host", Request{Host: token + ".api.example.com"}},
+		{"pair in the method", Request{Method: pair}},
+		{"allowed, with the pair in the path too", Request{Path: "/" + pair, Header: tokens.HeaderFunc(func(n string) (string, bool) {
+			if n == "authorization" {
+				return "Bearer " + pair, true
+			}
+			return "", false
+		})}},
+	}
+	for _, tc := range cases {
+		req := tc.req
+		req.HasHTTP = true
+		if req.Header == nil {
+			req.Header = tokens.HeaderFunc(func(string) (string, bool) { return "", false })
+		}
+		if req.Method == "" {
+			req.Method = "GET"
+		}
+		if req.Path == "" {
+			req.Path = "/v1/orders"
+		}
+		if _, err := e.svc.Decide(ctx(t), &req); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		entries := logs.TakeAll()
+		if len(entries) != 1 {
+			t.Fatalf("%s: %d log entries, want 1", tc.name, len(entries))
+		}
+		line := entries[0].Message + " " + fmt.Sprint(entries[0].ContextMap())
+		for _, s := range []string{is.SecretKey[3:], is.PublicKey[3:], token[3:]} {
+			if strings.Contains(line, s) {
+				t.Errorf("%s: the log holds a credential: %s", tc.name, line)
+			}
+		}
+		if !strings.Contains(line, tokens.Redacted) && !strings.Contains(tc.name, "never logged") {
+			t.Errorf("%s: nothing redacted: %s", tc.name, line)
+		}
+	}
+	// Long values are cut.
+	long := strings.Repeat("a", 20000)
+	if _, err := e.svc.Decide(ctx(t), &Request{HasHTTP: true, Header: tokens.HeaderFunc(func(string) (string, bool) { return "", false }),
+		Method: long, Host: long, Path: "/" + long, ID: long}); err != nil {
+		t.Fatal(err)
+	}
+	f := logs.TakeAll()[0].ContextMap()
+	for field, bound := range map[string]int{"method": maxLoggedMethod, "host": maxLoggedHost, "path": maxLoggedPath, "request_id": maxLoggedRequestID} {
+		v, _ := f[field].(string)
+		if len(v) > bound+40 || !strings.Contains(v, "cut from") {
+			t.Errorf("%s: %d bytes logged (bound %d): %.60q...", field, len(v), bound, v)
+		}
+	}
+}
