@@ -5,6 +5,8 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -219,5 +221,45 @@ func TestCLIUsageErrors(t *testing.T) {
 	delete(c.env, "EXTAUTHZ_CACHE_TTL")
 	if code, out, _ := c.run("", "help"); code != 0 || !strings.Contains(out, "keys create") {
 		t.Errorf("help: %d %q", code, out)
+	}
+}
+
+// An invalid EXTAUTHZ_ROUTES file (or pepper file) printed a start-up log
+// line before the error: everything the configuration names is read
+// before the first line, so the error is the only one.
+func TestServeRefusesBadFilesBeforeLogging(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	write := func(name, body string) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	badPepperDir := filepath.Join(dir, "data")
+	if err := os.MkdirAll(badPepperDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	write("data/pepper", "not a pepper\n")
+	for _, tc := range []struct {
+		name, want string
+		env        map[string]string
+	}{
+		{"routes not JSON", "EXTAUTHZ_ROUTES", map[string]string{"EXTAUTHZ_ROUTES": write("r1.json", "routes: []")}},
+		{"routes unknown field", "EXTAUTHZ_ROUTES", map[string]string{"EXTAUTHZ_ROUTES": write("r2.json", `{"routes":[{"path_prefix":"/a","scope":["x"]}]}`)}},
+		{"routes missing", "EXTAUTHZ_ROUTES", map[string]string{"EXTAUTHZ_ROUTES": filepath.Join(dir, "nope.json")}},
+		{"pepper file", "pepper", map[string]string{"EXTAUTHZ_DATA_DIR": badPepperDir}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			env := map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(),
+				"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0"}
+			for k, v := range tc.env {
+				env[k] = v
+			}
+			c := &cli{t: t, env: env}
+			c.fails(1, tc.want, "", "serve") // one line on stderr: the error, no log line before it
+		})
 	}
 }

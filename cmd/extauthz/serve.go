@@ -29,6 +29,19 @@ const streamWorkers = 64
 
 // serve runs the server until ctx ends (SIGTERM), then drains.
 func serve(ctx context.Context, cfg Config, e *env) error {
+	// What the configuration names is read before the first log line, so
+	// that a bad file fails the start with nothing but its error.
+	hasher, err := newHasher(&cfg)
+	if err != nil {
+		return err
+	}
+	var routes *authz.Routes
+	if cfg.RoutesFile != "" {
+		if routes, err = authz.LoadRoutes(cfg.RoutesFile, cfg.pathOptions()); err != nil {
+			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
+		}
+	}
+
 	log := newLogger(cfg.LogLevel, e.stderr)
 	defer log.Sync()
 	if cfg.Embedded() {
@@ -42,16 +55,6 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		log.Warn("ignoring unknown settings (misspelt?)", zap.Strings("names", unknown))
 	}
 
-	hasher, err := newHasher(&cfg)
-	if err != nil {
-		return err
-	}
-	var routes *authz.Routes
-	if cfg.RoutesFile != "" {
-		if routes, err = authz.LoadRoutes(cfg.RoutesFile, cfg.pathOptions()); err != nil {
-			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
-		}
-	}
 	store, err := openStore(ctx, &cfg, log)
 	if err != nil {
 		return err
