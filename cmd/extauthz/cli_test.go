@@ -152,6 +152,12 @@ func TestKeysCLI(t *testing.T) {
 			if len(revoked) != 1 || revoked[0]["status"] != "revoked" {
 				t.Errorf("revoke --tenant: %v", revoked)
 			}
+			// A misspelt tenant revoked nothing and exited 0.
+			c.fails(1, `no keys for tenant "othre"; nothing revoked`, "", "keys", "revoke", "--tenant", "othre")
+			// Again: nothing left to revoke, which is what was asked.
+			if code, out, errOut := c.run("", "keys", "revoke", "--tenant", "other"); code != 0 || out != "" || !strings.Contains(errOut, "already revoked") {
+				t.Errorf("revoke --tenant twice: exit %d, stdout %q, stderr %q", code, out, errOut)
+			}
 		})
 	}
 }

@@ -212,6 +212,18 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 		if err != nil {
 			return err
 		}
+		if len(ids) == 0 {
+			// Nothing revoked: a misspelt tenant must not pass for success.
+			ks, err := c.store.List(ctx, *tenant)
+			if err != nil {
+				return err
+			}
+			if len(ks) == 0 {
+				return fmt.Errorf("no keys for tenant %q; nothing revoked", *tenant)
+			}
+			fmt.Fprintf(c.env.stderr, "extauthz: every key of tenant %q was already revoked\n", *tenant)
+			return nil
+		}
 		c.notify(ctx, ids)
 		for _, id := range ids {
 			if err := writeJSON(c.env.stdout, map[string]any{"id": id, "tenant_id": *tenant, "status": "revoked"}); err != nil {
