@@ -1,12 +1,16 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/extauthz/extauthz/internal/testsvc"
 )
@@ -169,4 +173,59 @@ func TestLogFloodOfLongPathsIsBounded(t *testing.T) {
 		t.Fatalf("%d bytes of log", len(logs))
 	}
 	t.Logf("3,000 requests with 16 KiB paths and 4 KiB request ids: %d log lines, %d bytes", len(lines), len(logs))
+}
+
+// An HTTP check whose request line Go cannot parse (GET /check/%) got a
+// connection reset when the client was still sending: now a 400 with the
+// malformed_path deny body, and a graceful close, on a raw connection.
+func TestHTTPUnparsableRequestLine(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+	srv := startServer(t, c)
+	good := "GET /check/v1/orders HTTP/1.1\r\nHost: api\r\n\r\n"
+	for _, tc := range []struct {
+		name  string
+		parts []string
+		want  []int // statuses, in order
+	}{
+		{"in one write", []string{"GET /check/% HTTP/1.1\r\nHost: api\r\n\r\n"}, []int{400}},
+		{"headers still coming", []string{"GET /check/% HTTP/1.1\r\n", "Host: api\r\n", "x-request-id: 1\r\n\r\n"}, []int{400}},
+		{"invalid escape", []string{"GET /check/v1/%zz/orders HTTP/1.1\r\n", "Host: api\r\n\r\n"}, []int{400}},
+		{"control byte", []string{"GET /check/v1/\x01 HTTP/1.1\r\n", "Host: api\r\n\r\n"}, []int{400}},
+		{"a body still coming", []string{"POST /check/% HTTP/1.1\r\nHost: api\r\nContent-Length: 100000\r\n\r\n", strings.Repeat("x", 100000)}, []int{400}},
+		{"after a good request on the same connection", []string{good, "GET /check/% HTTP/1.1\r\n", "Host: api\r\n\r\n"}, []int{401, 400}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			conn, err := net.Dial("tcp", srv.addrs.HTTP)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			for _, p := range tc.parts {
+				if _, err := io.WriteString(conn, p); err != nil {
+					t.Fatalf("write: %v (the server reset the connection)", err)
+				}
+				time.Sleep(20 * time.Millisecond) // let the server answer before the rest arrives
+			}
+			raw, err := io.ReadAll(conn)
+			if err != nil {
+				t.Fatalf("read: %v after %q", err, raw)
+			}
+			br := bufio.NewReader(bytes.NewReader(raw))
+			for i, want := range tc.want {
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatalf("response %d: %v in %q", i, err, raw)
+				}
+				body, _ := io.ReadAll(resp.Body)
+				if resp.StatusCode != want {
+					t.Fatalf("response %d: %d %s, want %d", i, resp.StatusCode, body, want)
+				}
+				if want == 400 && (string(body) != `{"error":"bad_request","reason":"malformed_path"}` || resp.Header.Get("content-type") != "application/json") {
+					t.Errorf("400 with %s %q", resp.Header.Get("content-type"), body)
+				}
+			}
+		})
+	}
 }

@@ -152,7 +152,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	for _, s := range []struct {
 		srv *http.Server
 		lis net.Listener
-	}{{httpSrv, httpLis}, {adminSrv, adminLis}} {
+	}{{httpSrv, authz.HTTPListener(httpLis)}, {adminSrv, adminLis}} {
 		bg.Go(func() {
 			if err := s.srv.Serve(s.lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- fmt.Errorf("http %s: %w", s.lis.Addr(), err)
