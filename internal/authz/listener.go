@@ -36,11 +36,10 @@ var (
 	goErrorHeaders     = []byte("\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n")
 )
 
-// MalformedPathBody is the deny body of a path that cannot be judged.
-const MalformedPathBody = `{"error":"bad_request","reason":"malformed_path"}`
-
+// malformedPathReply is the denial of a path that cannot be judged, as the
+// handler would write it, closing the connection.
 var malformedPathReply = []byte("HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: " +
-	strconv.Itoa(len(MalformedPathBody)) + "\r\nConnection: close\r\n\r\n" + MalformedPathBody)
+	strconv.Itoa(len(DenyBody(MalformedPath))) + "\r\nConnection: close\r\n\r\n" + DenyBody(MalformedPath))
 
 // Bounds on a graceful close: it never holds a connection longer or reads
 // more than this.
