@@ -145,6 +145,16 @@ func TestKeysCLI(t *testing.T) {
 			}
 			c.fails(1, "no key with id", "", "keys", "revoke", "00000000-0000-4000-8000-000000000000")
 			c.fails(1, "no key with id", "", "keys", "revoke", "not-a-uuid")
+			// A credential pasted where the id belongs is not printed back.
+			for _, args := range [][]string{
+				{"keys", "revoke", k["credential"].(string)}, {"keys", "delete", k["credential"].(string)},
+				{"keys", "revoke", "--tenant", k["credential"].(string)}, {"keys", "revoke", "x", k["credential"].(string)},
+				{"keys", "create", "--tenant", "a", "--ttl", k["credential"].(string)},
+			} {
+				if _, _, errOut := c.run("", args...); errOut == "" || strings.Contains(errOut, k["secret_key"].(string)[3:]) {
+					t.Errorf("%v: stderr %q", args[:2], errOut)
+				}
+			}
 			c.ok("", "keys", "delete", tok["id"].(string))
 			c.fails(1, "no key with id", "", "keys", "delete", tok["id"].(string))
 

@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"strconv"
 	"strings"
 	"time"
 
@@ -28,7 +29,7 @@ func keys(ctx context.Context, cfg Config, args []string, e *env) error {
 		"create": keysCreate, "list": keysList, "revoke": keysRevoke, "delete": keysDelete, "import": keysImport,
 	}[sub]
 	if !ok {
-		return usagef("unknown keys subcommand %q (want create, list, revoke, delete or import)", sub)
+		return usagef("unknown keys subcommand %s (want create, list, revoke, delete or import)", quoted(sub))
 	}
 	log := newLogger(zapcore.WarnLevel, e.stderr)
 	h, err := newHasher(&cfg)
@@ -92,7 +93,7 @@ func (c *keysCmd) notify(ctx context.Context, ids []string) {
 func parseFlags(fs *flag.FlagSet, args []string, maxPositional int) ([]string, error) {
 	fs.SetOutput(io.Discard)
 	if err := fs.Parse(args); err != nil {
-		return nil, usagef("keys %s: %v", fs.Name(), err)
+		return nil, usagef("keys %s: %s", fs.Name(), tokens.Redact(err.Error(), 200))
 	}
 	rest := fs.Args()
 	for _, a := range rest {
@@ -101,10 +102,15 @@ func parseFlags(fs *flag.FlagSet, args []string, maxPositional int) ([]string, e
 		}
 	}
 	if len(rest) > maxPositional {
-		return nil, usagef("keys %s: unexpected argument %q", fs.Name(), rest[maxPositional])
+		return nil, usagef("keys %s: unexpected argument %s", fs.Name(), quoted(rest[maxPositional]))
 	}
 	return rest, nil
 }
+
+// quoted shows an argument in an error: a credential pasted where an id or
+// a tenant belongs is not printed back (only keys create prints a secret),
+// and a long one is cut.
+func quoted(arg string) string { return strconv.Quote(tokens.Redact(arg, 80)) }
 
 func writeJSON(w io.Writer, v any) error {
 	b, err := json.Marshal(v)
@@ -219,9 +225,9 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 				return err
 			}
 			if len(ks) == 0 {
-				return fmt.Errorf("no keys for tenant %q; nothing revoked", *tenant)
+				return fmt.Errorf("no keys for tenant %s; nothing revoked", quoted(*tenant))
 			}
-			fmt.Fprintf(c.env.stderr, "extauthz: every key of tenant %q was already revoked\n", *tenant)
+			fmt.Fprintf(c.env.stderr, "extauthz: every key of tenant %s was already revoked\n", quoted(*tenant))
 			return nil
 		}
 		c.notify(ctx, ids)
@@ -236,7 +242,7 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 	}
 	if err := c.store.Revoke(ctx, rest[0], c.now()); err != nil {
 		if errors.Is(err, tokens.ErrNotFound) {
-			return fmt.Errorf("no key with id %q", rest[0])
+			return fmt.Errorf("no key with id %s", quoted(rest[0]))
 		}
 		return err
 	}
@@ -255,7 +261,7 @@ func keysDelete(ctx context.Context, c *keysCmd, args []string) error {
 	}
 	if err := c.store.Delete(ctx, rest[0]); err != nil {
 		if errors.Is(err, tokens.ErrNotFound) {
-			return fmt.Errorf("no key with id %q", rest[0])
+			return fmt.Errorf("no key with id %s", quoted(rest[0]))
 		}
 		return err
 	}
