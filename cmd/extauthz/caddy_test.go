@@ -48,20 +48,27 @@ func TestCaddyForwardAuth(t *testing.T) {
 	}
 	// Caddy sets X-Forwarded-Method, -Uri and -Host itself.
 	testForwardAuthProxy(t, "X-Forwarded", func(t *testing.T, _, extauthzHTTP, upstream string) string {
-		dir := t.TempDir()
-		addr := freeLoopbackAddr(t)
-		conf := strings.NewReplacer("{{listen}}", addr, "{{extauthz}}", extauthzHTTP, "{{upstream}}", upstream).Replace(caddyfile)
-		path := filepath.Join(dir, "Caddyfile")
-		os.WriteFile(path, []byte(conf), 0o644)
-		cmd := exec.Command(bin, "run", "--config", path, "--adapter", "caddyfile")
-		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir, "HOME="+dir)
-		var out strings.Builder
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		waitListening(t, addr, 10*time.Second, func() string { return "caddy: " + out.String() })
-		return addr
+		return runCaddy(t, bin, caddyfile, extauthzHTTP, upstream)
 	})
+}
+
+// runCaddy runs Caddy with conf, its addresses filled in, and returns the
+// address it listens on.
+func runCaddy(t *testing.T, bin, conf, extauthzHTTP, upstream string) string {
+	t.Helper()
+	dir := t.TempDir()
+	addr := freeLoopbackAddr(t)
+	conf = strings.NewReplacer("{{listen}}", addr, "{{extauthz}}", extauthzHTTP, "{{upstream}}", upstream).Replace(conf)
+	path := filepath.Join(dir, "Caddyfile")
+	os.WriteFile(path, []byte(conf), 0o644)
+	cmd := exec.Command(bin, "run", "--config", path, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir, "HOME="+dir)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	waitListening(t, addr, 10*time.Second, func() string { return "caddy: " + out.String() })
+	return addr
 }

@@ -457,3 +457,39 @@ func TestNginxRawPathsToStaticFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestForwardAuthAddressWithTrailingSlash: a proxy configured to call
+// /check/ instead of /check sends "GET /check/" with the original request
+// in headers. Judging that request line would judge "GET /": it must deny
+// everything instead, through real nginx and (when built) Caddy.
+func TestForwardAuthAddressWithTrailingSlash(t *testing.T) {
+	routes := filepath.Join(t.TempDir(), "routes.json")
+	os.WriteFile(routes, []byte(`{"routes":[{"path_prefix":"/","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`), 0o600)
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes}}
+	read := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]["credential"].(string)
+	srv := startServer(t, c)
+	upstream := httptest.NewServer(&recorder{})
+	defer upstream.Close()
+	up := strings.TrimPrefix(upstream.URL, "http://")
+	proxies := map[string]func() string{
+		"nginx": func() string {
+			conf := strings.Replace(nginxConf, "/check;", "/check/;", 1)
+			return runNginx(t, conf, "{{fam}}", "X-Forwarded", "{{upstream}}", up, "{{extauthz}}", srv.addrs.HTTP)
+		},
+	}
+	if bin := os.Getenv("EXTAUTHZ_TEST_CADDY"); bin != "" {
+		proxies["caddy"] = func() string {
+			return runCaddy(t, bin, strings.Replace(caddyfile, "uri /check\n", "uri /check/\n", 1), srv.addrs.HTTP, up)
+		}
+	}
+	for name, start := range proxies {
+		t.Run(name, func(t *testing.T) {
+			proxy := start()
+			for _, h := range []map[string]string{nil, {"Authorization": "Bearer " + read}} {
+				if code, body := rawGet(t, proxy, "/admin/report.txt", h); code == 200 || strings.Contains(body, adminSecret) {
+					t.Errorf("/admin/report.txt with %v through %s calling /check/: %d %q", h, name, code, body)
+				}
+			}
+		})
+	}
+}

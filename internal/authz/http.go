@@ -60,8 +60,10 @@ func (f ForwardedHeaders) names() (method, uri, host string) {
 //
 // Where the original request is read from:
 //   - prefix + path (Envoy's http_service sends path_prefix + original
-//     :path): the request line itself; forwarded headers are ignored, since
-//     Envoy may pass a client's own copies through;
+//     :path): the request line itself, unless the request carries an
+//     original method or URI header of either family: then it is a
+//     forward-auth proxy whose address has a trailing slash, and the
+//     request cannot be judged;
 //   - exactly prefix (a forward-auth proxy calling a fixed address): the
 //     method, URI and host headers of the configured family
 //     (Options.Forwarded), each required exactly once. The proxy must set
@@ -110,11 +112,26 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 			}
 			// Otherwise the path stays empty, which is malformed: a
 			// request whose route is unknown is never judged as some other.
-		} else {
+		} else if !forwardedOriginal(r.Header) {
 			req.Method, req.Path, req.Host = r.Method, rest, r.Host
 		}
+		// Otherwise a forward-auth proxy calls prefix + "/" (an address
+		// written with a trailing slash): judging its request line would
+		// judge "GET /", not the client's request. Left empty: malformed.
 		s.serveHTTP(w, r, &req)
 	})
+}
+
+// forwardedOriginal reports whether a request names an original method or
+// URI in either family: a forward-auth proxy's call. Envoy's http_service
+// sends none of these (only its allowed_headers, which never need them).
+func forwardedOriginal(h http.Header) bool {
+	for _, name := range []string{"X-Forwarded-Uri", "X-Forwarded-Method", "X-Original-Uri", "X-Original-Method"} {
+		if _, ok := h[name]; ok {
+			return true
+		}
+	}
+	return false
 }
 
 // single returns a header sent exactly once, not empty.

@@ -84,10 +84,17 @@ func TestHTTPEnvoyMode(t *testing.T) {
 			t.Errorf("%s: %d %s, want 400 malformed_path", p, r.code, r.body)
 		}
 	}
-	// A client's own X-Forwarded-Uri is ignored in Envoy mode.
-	forged := map[string]string{"x-forwarded-uri": "/public/x", "x-original-uri": "/public/x"}
-	if r := send(t, srv, "GET", "/check/admin", forged); r.code != 401 {
-		t.Errorf("forged x-forwarded-uri: %d, want 401 (the request line decides)", r.code)
+	// Under the prefix, an original URI or method of either family is a
+	// forward-auth proxy whose address ends in "/" (proxy_pass .../check/,
+	// Caddy's uri /check/): its request line is "GET /", not the client's,
+	// so nothing is judged, with a key or without.
+	for _, h := range []string{"x-forwarded-uri", "x-original-uri", "x-forwarded-method", "x-original-method"} {
+		for _, p := range []string{"/check/", "/check/admin", "/check/public/x"} {
+			hdr := map[string]string{h: "/public/x", "authorization": "Bearer " + is.Credential}
+			if r := send(t, srv, "GET", p, hdr); r.code != 400 {
+				t.Errorf("%s with %s: %d, want 400", p, h, r.code)
+			}
+		}
 	}
 	// Public: allowed without a key, identity headers removed.
 	r := send(t, srv, "GET", "/check/public/logo.png", map[string]string{"x-tenant-id": "evil"})
