@@ -9,6 +9,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -27,6 +31,9 @@ const Channel = "extauthz_keys"
 type Store struct {
 	pool *pgxpool.Pool
 	log  *zap.Logger
+	// usageRetries counts usage writes retried after a deadlock or a
+	// serialization failure.
+	usageRetries atomic.Uint64
 }
 
 var _ tokens.Store = (*Store)(nil)
@@ -234,36 +241,88 @@ func (s *Store) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-// RecordUsage implements tokens.Store: one UPDATE for the whole batch.
+// RecordUsage implements tokens.Store: one transaction for the whole
+// batch, which locks its rows in key id order before it updates them.
+//
+// Several replicas write usage of the same keys at once (every final
+// write at a rolling restart does). Rows locked in whatever order each
+// batch came in deadlocked two such writers in most rounds, and the loser's
+// counts were lost at shutdown. Locked in one global order, two writers
+// wait for each other but never deadlock; a deadlock with another writer
+// (an application's own UPDATE) or a serialization failure is retried.
 func (s *Store) RecordUsage(ctx context.Context, usage []tokens.Usage) error {
-	if len(usage) == 0 {
+	ids, times, counts := usageArgs(usage)
+	if len(ids) == 0 {
 		return nil
 	}
-	// One row per key, so that UPDATE ... FROM sees each key once.
-	agg := map[string]*tokens.Usage{}
-	for _, u := range usage {
-		if a := agg[u.KeyID]; a != nil {
-			a.Requests += u.Requests
-			if u.LastUsed.After(a.LastUsed) {
-				a.LastUsed = u.LastUsed
+	const attempts = 5
+	backoff := 10 * time.Millisecond
+	for i := 1; ; i++ {
+		err := mapErr(pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
+			// SELECT ... ORDER BY ... FOR NO KEY UPDATE locks in the sort
+			// order (the lock is taken above the sort); the UPDATE then only
+			// takes locks this transaction holds already.
+			if _, err := tx.Exec(ctx, `SELECT 1 FROM extauthz.keys WHERE id = ANY($1::uuid[])
+				ORDER BY id FOR NO KEY UPDATE`, ids); err != nil {
+				return err
 			}
-		} else {
-			c := u
-			agg[u.KeyID] = &c
+			_, err := tx.Exec(ctx, `UPDATE extauthz.keys AS k
+				SET request_count = k.request_count + u.n, last_used_at = GREATEST(k.last_used_at, u.t)
+				FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[]) AS u(id, t, n)
+				WHERE k.id = u.id`, ids, times, counts)
+			return err
+		}))
+		if err == nil || !retryable(err) || i == attempts {
+			return err
 		}
+		s.usageRetries.Add(1)
+		s.log.Warn("usage write conflicted with another transaction; retrying", zap.Error(err), zap.Int("attempt", i))
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("pgstore: %w", ctx.Err())
+		case <-time.After(backoff + rand.N(backoff)):
+		}
+		backoff *= 2
 	}
-	ids, times, counts := make([]string, 0, len(agg)), make([]time.Time, 0, len(agg)), make([]int64, 0, len(agg))
-	for _, u := range agg {
+}
+
+// usageArgs aggregates usage to one row per key (UPDATE ... FROM must see
+// each key once), sorted by key id, as the arrays of RecordUsage's
+// statement. Ids that are not UUIDs are no key of this store.
+func usageArgs(usage []tokens.Usage) (ids []string, times []time.Time, counts []int64) {
+	agg := make(map[string]tokens.Usage, len(usage))
+	for _, u := range usage {
 		if !validUUID(u.KeyID) {
 			continue
 		}
-		ids, times, counts = append(ids, u.KeyID), append(times, u.LastUsed), append(counts, u.Requests)
+		// One spelling per key: two would be two rows of unnest for one
+		// key row, and UPDATE ... FROM applies only one of them.
+		u.KeyID = strings.ToLower(u.KeyID)
+		if a, ok := agg[u.KeyID]; ok {
+			u.Requests += a.Requests
+			if a.LastUsed.After(u.LastUsed) {
+				u.LastUsed = a.LastUsed
+			}
+		}
+		agg[u.KeyID] = u
 	}
-	_, err := s.pool.Exec(ctx, `UPDATE extauthz.keys AS k
-		SET request_count = k.request_count + u.n, last_used_at = GREATEST(k.last_used_at, u.t)
-		FROM unnest($1::uuid[], $2::timestamptz[], $3::bigint[]) AS u(id, t, n)
-		WHERE k.id = u.id`, ids, times, counts)
-	return mapErr(err)
+	ids = make([]string, 0, len(agg))
+	for id := range agg {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	times, counts = make([]time.Time, len(ids)), make([]int64, len(ids))
+	for i, id := range ids {
+		times[i], counts[i] = agg[id].LastUsed, agg[id].Requests
+	}
+	return ids, times, counts
+}
+
+// retryable reports a deadlock or a serialization failure: the
+// transaction was rolled back and may simply run again.
+func retryable(err error) bool {
+	var pe *pgconn.PgError
+	return errors.As(err, &pe) && (pe.Code == "40P01" || pe.Code == "40001")
 }
 
 func validUUID(s string) bool {
