@@ -3,6 +3,8 @@ package tokens
 import (
 	"context"
 	"hash/maphash"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,6 +19,12 @@ type UsageWriter interface {
 
 // UsageGate decides, across replicas, which of them writes a key's usage
 // this interval: Claim returns, per key, whether this replica won it.
+//
+// A gate only spreads writes out; it is never trusted with counts. A key
+// this replica did not win waits one interval, and is written at the next
+// flush whatever the gate says then, and at shutdown the gate is not asked.
+// So whoever can write to the gate's store (Redis) can delay a key's usage
+// by one interval at most, never drop it.
 type UsageGate interface {
 	Claim(ctx context.Context, keyIDs []string, interval time.Duration) ([]bool, error)
 }
@@ -46,6 +54,9 @@ type UsageRecorder struct {
 	written atomic.Uint64
 	failed  atomic.Uint64
 	flushMu sync.Mutex // one flush at a time
+	// deferred are the keys a gate kept from the last flush: the next one
+	// writes them without asking. Guarded by flushMu.
+	deferred map[string]struct{}
 }
 
 // Pending usage holds no pointers: a key id of up to 36 bytes (a generated
@@ -168,7 +179,8 @@ func (r *UsageRecorder) Failed() uint64 { return r.failed.Load() }
 func (r *UsageRecorder) Pending() int { return int(r.pending.Load()) }
 
 // Run writes pending usage every Interval until ctx ends, then writes what
-// is left, with the gate bypassed, under finalTimeout.
+// is left, with the gate bypassed, retrying failed writes until
+// finalTimeout has passed.
 func (r *UsageRecorder) Run(ctx context.Context, finalTimeout time.Duration) {
 	t := time.NewTicker(r.opts.Interval)
 	defer t.Stop()
@@ -177,15 +189,38 @@ func (r *UsageRecorder) Run(ctx context.Context, finalTimeout time.Duration) {
 		case <-ctx.Done():
 			fctx, cancel := context.WithTimeout(context.Background(), finalTimeout)
 			defer cancel()
-			if err := r.Flush(fctx, true); err != nil {
-				r.log.Error("usage not written at shutdown", zap.Error(err), zap.Int("keys", r.Pending()))
-			}
+			r.finalFlush(fctx)
 			return
 		case <-t.C:
-			if err := r.Flush(ctx, false); err != nil {
+			// Stopping must not cut a write short: a write cancelled
+			// during its commit may have been stored all the same, and
+			// writing it again at shutdown would count it twice.
+			wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.opts.Interval)
+			if err := r.Flush(wctx, false); err != nil {
 				r.log.Warn("usage write failed; kept for the next one", zap.Error(err), zap.Int("keys", r.Pending()))
 			}
+			cancel()
 		}
+	}
+}
+
+// finalFlush writes everything pending, trying again after a failure (the
+// store restarting, a lock timeout) until ctx ends.
+func (r *UsageRecorder) finalFlush(ctx context.Context) {
+	backoff := 50 * time.Millisecond
+	for {
+		err := r.Flush(ctx, true)
+		if err == nil {
+			return
+		}
+		r.log.Warn("usage write at shutdown failed; retrying", zap.Error(err), zap.Int("keys", r.Pending()))
+		select {
+		case <-ctx.Done():
+			r.log.Error("usage not written at shutdown", zap.Error(err), zap.Int("keys", r.Pending()))
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
 	}
 }
 
@@ -215,9 +250,10 @@ func (r *UsageRecorder) putBack(us []Usage) {
 	}
 }
 
-// Flush writes pending usage in batches. Without final, keys another
-// replica claimed this interval wait for the next one. What cannot be
-// written is kept.
+// Flush writes pending usage in batches, in key id order. Without final,
+// keys another replica claimed this interval wait for the next flush
+// (once: they are written then, claimed or not). What cannot be written
+// is kept.
 func (r *UsageRecorder) Flush(ctx context.Context, final bool) error {
 	r.flushMu.Lock()
 	defer r.flushMu.Unlock()
@@ -225,27 +261,13 @@ func (r *UsageRecorder) Flush(ctx context.Context, final bool) error {
 	if len(all) == 0 {
 		return nil
 	}
+	// Every replica cuts its batches alike: the store locks rows in order
+	// within a batch, and equal batches contend less.
+	slices.SortFunc(all, func(a, b Usage) int { return strings.Compare(a.KeyID, b.KeyID) })
 	if !final && r.opts.Gate != nil {
-		ids := make([]string, len(all))
-		for i, u := range all {
-			ids[i] = u.KeyID
-		}
-		won, err := r.opts.Gate.Claim(ctx, ids, r.opts.Interval)
-		if err != nil {
-			// Without the gate, write: a duplicate write is cheaper than lost usage.
-			r.log.Warn("usage gate unavailable; writing without it", zap.Error(err))
-		} else {
-			var mine, later []Usage
-			for i, u := range all {
-				if won[i] {
-					mine = append(mine, u)
-				} else {
-					later = append(later, u)
-				}
-			}
-			r.putBack(later)
-			all = mine
-		}
+		all = r.gate(ctx, all)
+	} else {
+		r.deferred = nil
 	}
 	for start := 0; start < len(all); start += r.opts.BatchSize {
 		batch := all[start:min(start+r.opts.BatchSize, len(all))]
@@ -257,4 +279,44 @@ func (r *UsageRecorder) Flush(ctx context.Context, final bool) error {
 		r.written.Add(uint64(len(batch)))
 	}
 	return nil
+}
+
+// gate returns the usage to write now: the keys this replica claimed, and
+// those deferred by the last flush. The others are put back and deferred.
+func (r *UsageRecorder) gate(ctx context.Context, all []Usage) []Usage {
+	ask := make([]string, 0, len(all))
+	for _, u := range all {
+		if _, ok := r.deferred[u.KeyID]; !ok {
+			ask = append(ask, u.KeyID)
+		}
+	}
+	var won []bool
+	if len(ask) > 0 {
+		var err error
+		if won, err = r.opts.Gate.Claim(ctx, ask, r.opts.Interval); err != nil || len(won) != len(ask) {
+			// Without the gate, write: a duplicate write is cheaper than lost usage.
+			r.log.Warn("usage gate unavailable; writing without it", zap.Error(err))
+			r.deferred = nil
+			return all
+		}
+	}
+	var mine, later []Usage
+	deferred := map[string]struct{}{}
+	i := 0
+	for _, u := range all {
+		if _, ok := r.deferred[u.KeyID]; ok {
+			mine = append(mine, u)
+			continue
+		}
+		if won[i] {
+			mine = append(mine, u)
+		} else {
+			later = append(later, u)
+			deferred[u.KeyID] = struct{}{}
+		}
+		i++
+	}
+	r.putBack(later)
+	r.deferred = deferred
+	return mine
 }

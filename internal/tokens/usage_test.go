@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -306,4 +307,108 @@ func hasPointers(t reflect.Type) bool {
 		return true
 	}
 	return false
+}
+
+// A gate that never lets this replica win (another replica holding every
+// claim, or whoever can write to Redis setting them) delays a key's write
+// by one interval, not more.
+func TestUsageGateDelaysOneIntervalAtMost(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{}
+	gate := &countingGate{}
+	r := NewUsageRecorder(sink, UsageOptions{Gate: gate})
+	r.Record("a")
+	r.Record("b")
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if len(sink.totals()) != 0 || r.Pending() != 2 {
+		t.Fatalf("first flush wrote %v, pending %d; want nothing written, 2 pending", sink.totals(), r.Pending())
+	}
+	r.Record("a")
+	r.Record("c")
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(map[string]int64{"a": 2, "b": 1}, sink.totals()); d != "" {
+		t.Fatalf("second flush (-want +got):\n%s", d)
+	}
+	if d := cmp.Diff([][]string{{"a", "b"}, {"c"}}, gate.asked); d != "" {
+		t.Fatalf("keys claimed (-want +got):\n%s", d)
+	}
+	// c, deferred by the second flush, goes with the third.
+	if err := r.Flush(context.Background(), false); err != nil || sink.totals()["c"] != 1 {
+		t.Fatalf("third flush: %v, c = %d", err, sink.totals()["c"])
+	}
+}
+
+// countingGate never lets this replica win, and records what it was asked.
+type countingGate struct{ asked [][]string }
+
+func (g *countingGate) Claim(_ context.Context, ids []string, _ time.Duration) ([]bool, error) {
+	g.asked = append(g.asked, slices.Clone(ids))
+	return make([]bool, len(ids)), nil
+}
+
+// flakySink fails its first n writes.
+type flakySink struct {
+	usageSink
+	n int
+}
+
+func (s *flakySink) RecordUsage(ctx context.Context, us []Usage) error {
+	s.mu.Lock()
+	fail := s.n > 0
+	s.n--
+	s.mu.Unlock()
+	if fail {
+		return errors.New("deadlock detected")
+	}
+	return s.usageSink.RecordUsage(ctx, us)
+}
+
+// The write at shutdown is retried until its deadline: a store that failed
+// a write or two (a deadlock with another replica's final write, a
+// restart) still gets every count.
+func TestUsageFinalWriteRetries(t *testing.T) {
+	t.Parallel()
+	sink := &flakySink{n: 3}
+	r := NewUsageRecorder(sink, UsageOptions{Interval: time.Hour, Gate: fakeGate{}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { r.Run(ctx, 10*time.Second); close(done) }()
+	for i := range 3000 {
+		r.Record(fmt.Sprint("k", i%1500))
+	}
+	cancel()
+	<-done
+	var total int64
+	for _, n := range sink.totals() {
+		total += n
+	}
+	if total != 3000 || r.Pending() != 0 {
+		t.Fatalf("written %d of 3000 requests, %d keys pending", total, r.Pending())
+	}
+}
+
+// Batches are cut from key ids in order, so every replica locks rows alike.
+func TestUsageBatchesInKeyOrder(t *testing.T) {
+	t.Parallel()
+	sink := &usageSink{}
+	r := NewUsageRecorder(sink, UsageOptions{BatchSize: 10})
+	for i := range 95 {
+		r.Record(fmt.Sprintf("k%03d", 94-i))
+	}
+	if err := r.Flush(context.Background(), false); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, b := range sink.batches {
+		for _, u := range b {
+			ids = append(ids, u.KeyID)
+		}
+	}
+	if !slices.IsSorted(ids) || len(ids) != 95 {
+		t.Fatalf("written in the order %v", ids)
+	}
 }
