@@ -48,7 +48,7 @@ func keys(ctx context.Context, cfg Config, args []string, e *env) error {
 			return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
 		}
 		defer rdb.Close()
-		kc.shared, kc.bus = rediscache.New(rdb, cfg.RedisPrefix), rediscache.NewBus(rdb, cfg.RedisPrefix)
+		kc.shared, kc.bus = rediscache.New(rdb, cfg.RedisPrefix), rediscache.NewBus(rdb, cfg.RedisPrefix, h.SharedSealer(cfg.RedisPrefix), nil)
 	}
 	err = run(ctx, kc, args)
 	if err != nil {

@@ -31,7 +31,8 @@ func (l lagObserver) Observe(source string, d time.Duration) {
 
 // newMetrics builds a registry (no global state) with the check metrics,
 // the lookup chain's counters, and the Go runtime and process collectors.
-func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder) (*prometheus.Registry, *checkObserver, lagObserver) {
+// busRejected counts dropped invalidation messages; nil without Redis.
+func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder, busRejected func() uint64) (*prometheus.Registry, *checkObserver, lagObserver) {
 	reg := prometheus.NewRegistry()
 	checks := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "extauthz_checks_total",
@@ -78,6 +79,11 @@ func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder) (*prometheus.R
 	counter("extauthz_shared_cache_misses_total", "Misses the shared tier did not hold.", st.SharedMisses.Load)
 	counter("extauthz_shared_cache_errors_total", "Shared-tier calls that failed (checks went on without it).", st.SharedErrors.Load)
 	counter("extauthz_shared_cache_skipped_total", "Shared-tier calls skipped because it failed within the last second.", st.SharedSkipped.Load)
+	counter("extauthz_shared_cache_rejected_total", "Shared-tier entries not used because no replica of this deployment wrote them (forged, altered, copied to another key) or they hold invalid fields; each was deleted.", st.SharedRejected.Load)
+	if busRejected == nil {
+		busRejected = func() uint64 { return 0 }
+	}
+	counter("extauthz_invalidation_messages_rejected_total", "Redis invalidation messages dropped: not sealed by a replica of this deployment, altered, outside the time window, or replayed.", busRejected)
 	counter("extauthz_lookups_uncached_total", "Lookups not cached because an invalidation overlapped them.", st.Uncached.Load)
 	counter("extauthz_usage_keys_written_total", "Per-key usage rows written (last_used_at, request_count).", u.Written)
 	counter("extauthz_usage_write_failures_total", "Usage batch writes that failed (kept for the next write).", u.Failed)

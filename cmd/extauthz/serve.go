@@ -74,12 +74,18 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		}
 		defer rdb.Close()
 		shared := rediscache.New(rdb, cfg.RedisPrefix)
-		topts.Shared, uopts.Gate = shared, shared
-		bus = rediscache.NewBus(rdb, cfg.RedisPrefix)
+		// Entries and messages are sealed under the peppers, for this prefix.
+		sealer := hasher.SharedSealer(cfg.RedisPrefix)
+		topts.Shared, topts.SharedSealer, uopts.Gate = shared, sealer, shared
+		bus = rediscache.NewBus(rdb, cfg.RedisPrefix, sealer, log.Named("redis"))
 	}
 	usage := tokens.NewUsageRecorder(store, uopts)
 	auth := tokens.NewAuthenticator(hasher, store, topts)
-	reg, observer, lag := newMetrics(auth, usage)
+	var busRejected func() uint64
+	if bus != nil {
+		busRejected = bus.Rejected
+	}
+	reg, observer, lag := newMetrics(auth, usage, busRejected)
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,

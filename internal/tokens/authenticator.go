@@ -30,7 +30,10 @@ type Options struct {
 	MaxStale     time.Duration // serve past TTL while the store is down; 0 disables
 	StoreTimeout time.Duration // per store lookup; default 100ms
 	// Shared is the optional tier shared by replicas (Redis); nil: none.
-	Shared        SharedCache
+	Shared SharedCache
+	// SharedSealer authenticates shared entries; default: the hasher's
+	// peppers with an empty domain. Give every replica the same one.
+	SharedSealer  *SharedSealer
 	SharedTimeout time.Duration // per shared-tier call; default 25ms
 	// SharedRetry is how long the shared tier is skipped after an error,
 	// so an outage costs one timeout a period, not one per miss. Default 1s.
@@ -48,6 +51,7 @@ type Stats struct {
 	Invalidated                               atomic.Uint64 // cache entries dropped by invalidation
 	SharedHits, SharedMisses, SharedErrors    atomic.Uint64
 	SharedSkipped                             atomic.Uint64 // shared tier not asked: recently failed
+	SharedRejected                            atomic.Uint64 // shared entries forged, altered or invalid: deleted
 	Uncached                                  atomic.Uint64 // lookups not cached: an invalidation overlapped them
 }
 
@@ -67,6 +71,8 @@ type Authenticator struct {
 	// delete, lookups re-check it after they write.
 	invalidations atomic.Uint64
 	sharedDown    atomic.Int64 // unix nanoseconds until which the shared tier is skipped
+	seal          *SharedSealer
+	rejectLogged  atomic.Int64 // unix nanoseconds of the last rejection logged
 
 	// Tombstones: for a short while after a key is invalidated, shared
 	// entries of it are ignored. Another replica that read the store just
@@ -108,8 +114,11 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 	// A stale shared write can only be made within one store lookup and
 	// one shared write of the change; the window covers that generously.
 	window := max(2*time.Second, 4*(o.StoreTimeout+o.SharedTimeout))
+	if o.SharedSealer == nil {
+		o.SharedSealer = h.SharedSealer("")
+	}
 	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,
-		tombs: map[string]int64{}, tombWindow: window}
+		tombs: map[string]int64{}, tombWindow: window, seal: o.SharedSealer}
 }
 
 // Stats exposes the counters.
@@ -203,15 +212,17 @@ func (a *Authenticator) miss(ctx context.Context, k Digest, c Credential, d *dec
 func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*decision, error) {
 	seq := a.invalidations.Load()
 	now := a.opts.Now()
-	var staleShared *SharedEntry
-	if e := a.sharedGet(ctx, k, now); e != nil && !a.tombstoned(e.KeyID, now) {
-		if now.Before(e.FreshUntil) {
+	var staleShared *sharedEntry
+	if e, ok := a.sharedGet(ctx, k); ok && !a.tombstoned(e.keyID, now) {
+		n := now.UnixNano()
+		a.clampShared(&e, n)
+		if n < e.fresh {
 			d := e.decision()
-			a.keep(k, d, e.FreshUntil.UnixNano(), e.StaleUntil.UnixNano(), seq, false)
+			a.keep(k, d, e.fresh, e.stale, seq, false)
 			return d, nil
 		}
-		if now.Before(e.StaleUntil) {
-			staleShared = e
+		if n < e.stale {
+			staleShared = &e
 		}
 	}
 	d, err := a.lookup(ctx, c, now)
@@ -265,15 +276,20 @@ func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint
 	if !toShared || a.opts.Shared == nil {
 		return
 	}
-	e := d.shared(fresh, stale)
-	// Off the check's path; bounded by SharedTimeout.
+	// Off the check's path (sealing too); bounded by SharedTimeout.
 	go func() {
+		e := d.shared(fresh, stale)
+		v, ok := a.seal.sealEntry(&k, &e)
+		ttl := time.Duration(stale - a.opts.Now().UnixNano())
+		if !ok || ttl < time.Millisecond {
+			return // not shareable (see sharedEntry.valid), or no longer usable
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), a.opts.SharedTimeout)
 		defer cancel()
 		if !a.sharedUp() {
 			return
 		}
-		if err := a.opts.Shared.Set(ctx, k, e); err != nil {
+		if err := a.opts.Shared.Set(ctx, k, e.keyID, v, ttl); err != nil {
 			a.sharedFailed(err)
 			return
 		}
@@ -304,25 +320,78 @@ func (a *Authenticator) sharedFailed(err error) {
 	}
 }
 
-// sharedGet asks the shared tier under its own short deadline. Errors are
-// counted and make the tier skipped for a while; they never fail a check.
-func (a *Authenticator) sharedGet(ctx context.Context, k Digest, now time.Time) *SharedEntry {
+// sharedGet asks the shared tier under its own short deadline, and opens
+// what it returns. Errors are counted and make the tier skipped for a
+// while; they never fail a check. An entry that was not sealed by a
+// replica of this deployment, or holds invalid fields, is a miss: it is
+// counted, logged and deleted.
+func (a *Authenticator) sharedGet(ctx context.Context, k Digest) (sharedEntry, bool) {
 	if a.opts.Shared == nil || !a.sharedUp() {
-		return nil
+		return sharedEntry{}, false
 	}
 	sctx, cancel := context.WithTimeout(ctx, a.opts.SharedTimeout)
 	defer cancel()
-	e, err := a.opts.Shared.Get(sctx, k)
+	v, err := a.opts.Shared.Get(sctx, k)
 	switch {
+	case errors.Is(err, ErrSharedInvalid):
+		a.rejectShared(k, err)
+		return sharedEntry{}, false
 	case err != nil:
 		a.sharedFailed(err)
-		return nil
-	case e == nil:
+		return sharedEntry{}, false
+	case v == nil:
 		a.stats.SharedMisses.Add(1)
-		return nil
+		return sharedEntry{}, false
+	}
+	e, err := a.seal.openEntry(&k, v)
+	switch {
+	case errors.Is(err, errSealVersion):
+		// A newer replica's format, during a rolling upgrade: not ours to
+		// judge or delete.
+		a.stats.SharedMisses.Add(1)
+		return sharedEntry{}, false
+	case err != nil:
+		a.rejectShared(k, err)
+		return sharedEntry{}, false
 	}
 	a.stats.SharedHits.Add(1)
-	return e
+	return e, true
+}
+
+// clampShared bounds an authenticated entry's deadlines by this replica's
+// own rules, as if it had made the decision now: never fresher than its
+// TTL, never usable past its TTL plus MaxStale, an allow never past the
+// key's expiry. Replicas configured differently, or clocks apart, cannot
+// make a decision live longer here than this replica's settings say.
+func (a *Authenticator) clampShared(e *sharedEntry, now int64) {
+	ttl := a.opts.NegativeTTL
+	if e.outcome == OutcomeAllow {
+		ttl = a.opts.TTL
+	}
+	e.fresh = min(e.fresh, now+int64(ttl))
+	e.stale = min(e.stale, now+int64(ttl+a.opts.MaxStale))
+	if e.outcome == OutcomeAllow && e.expires != 0 {
+		e.fresh, e.stale = min(e.fresh, e.expires), min(e.stale, e.expires)
+	}
+}
+
+// rejectShared counts a shared entry that cannot be used, deletes it (off
+// the check's path), and logs it at most once a second: the reason, never
+// the value or the digest.
+func (a *Authenticator) rejectShared(k Digest, why error) {
+	a.stats.SharedRejected.Add(1)
+	now := a.opts.Now().UnixNano()
+	if last := a.rejectLogged.Load(); now-last >= int64(time.Second) && a.rejectLogged.CompareAndSwap(last, now) {
+		a.log.Warn("shared cache entry rejected and deleted: Redis holds a value no replica wrote (is anyone else writing to it?)",
+			zap.String("reason", why.Error()), zap.Uint64("rejected_total", a.stats.SharedRejected.Load()))
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), a.opts.SharedTimeout)
+		defer cancel()
+		if err := a.opts.Shared.Delete(ctx, k); err != nil {
+			a.sharedFailed(err)
+		}
+	}()
 }
 
 // judge verifies the secret, then reports status: revoked and expired are

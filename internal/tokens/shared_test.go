@@ -12,36 +12,55 @@ import (
 // fakeShared is an in-memory SharedCache that can fail.
 type fakeShared struct {
 	mu      sync.Mutex
-	m       map[Digest]*SharedEntry
+	m       map[Digest]fakeEntry
 	fail    atomic.Bool
 	calls   atomic.Int64
 	sets    chan struct{} // signalled after each Set
 	forgets atomic.Int64
+	deletes chan Digest // receives each Delete
+}
+
+type fakeEntry struct {
+	keyID string
+	v     []byte
 }
 
 func newFakeShared() *fakeShared {
-	return &fakeShared{m: map[Digest]*SharedEntry{}, sets: make(chan struct{}, 100)}
+	return &fakeShared{m: map[Digest]fakeEntry{}, sets: make(chan struct{}, 100), deletes: make(chan Digest, 100)}
 }
 
-func (f *fakeShared) Get(_ context.Context, k Digest) (*SharedEntry, error) {
+func (f *fakeShared) Get(_ context.Context, k Digest) ([]byte, error) {
 	f.calls.Add(1)
 	if f.fail.Load() {
 		return nil, errors.New("redis down")
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.m[k], nil
+	return f.m[k].v, nil
 }
 
-func (f *fakeShared) Set(_ context.Context, k Digest, e *SharedEntry) error {
+func (f *fakeShared) Set(_ context.Context, k Digest, keyID string, v []byte, _ time.Duration) error {
 	f.calls.Add(1)
 	defer func() { f.sets <- struct{}{} }()
 	if f.fail.Load() {
 		return errors.New("redis down")
 	}
+	f.put(k, keyID, v)
+	return nil
+}
+
+// put writes v as whoever can write to Redis would.
+func (f *fakeShared) put(k Digest, keyID string, v []byte) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	f.m[k] = e
+	f.m[k] = fakeEntry{keyID, v}
+}
+
+func (f *fakeShared) Delete(_ context.Context, k Digest) error {
+	f.mu.Lock()
+	delete(f.m, k)
+	f.mu.Unlock()
+	f.deletes <- k
 	return nil
 }
 
@@ -51,7 +70,7 @@ func (f *fakeShared) Forget(_ context.Context, ids []string) error {
 	defer f.mu.Unlock()
 	for k, e := range f.m {
 		for _, id := range ids {
-			if e.KeyID == id {
+			if e.keyID == id {
 				delete(f.m, k)
 			}
 		}
@@ -205,11 +224,10 @@ func TestLateSharedWriteFromAnotherReplicaIsIgnored(t *testing.T) {
 	f.a.Apply(context.Background(), Change{KeyIDs: []string{"k1"}})
 
 	now := f.clock.Now()
-	stale := &SharedEntry{Outcome: OutcomeAllow, KeyID: "k1", TenantID: "acme", FreshUntil: now.Add(time.Hour), StaleUntil: now.Add(time.Hour)}
-	if err := shared.Set(context.Background(), f.h.Digest(testPair), stale); err != nil {
-		t.Fatal(err)
-	}
-	<-shared.sets
+	k := f.h.Digest(testPair)
+	stale := sharedEntry{outcome: OutcomeAllow, keyID: "k1", tenant: "acme", fresh: now.Add(time.Hour).UnixNano(), stale: now.Add(time.Hour).UnixNano()}
+	v, _ := f.a.seal.sealEntry(&k, &stale)
+	shared.put(k, "k1", v)
 	if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) {
 		t.Fatalf("err = %v, want ErrRevoked from the store, not the late shared allow", err)
 	}

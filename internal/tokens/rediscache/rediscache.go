@@ -5,22 +5,32 @@
 //
 // Layout, for prefix P:
 //
-//	P d:<base64url digest>  one cached decision (JSON), expiring when it is no longer usable
+//	P d:<base64url digest>  one cached decision, sealed (tokens.SharedSealer), expiring
+//	                        when it is no longer usable
 //	P k:<key id>            set of the d: keys holding that key's decisions, so a
 //	                        revocation can find entries that are keyed by digest
-//	P invalidate            pub/sub channel of key changes
+//	P u:<key id>            usage-write claim for the current interval
+//	P invalidate            pub/sub channel of key changes, sealed messages
+//
+// Nothing read from Redis is trusted: entries and messages are
+// authenticated by the tokens package before use, reads are bounded in
+// size, and deletes stay under the prefix.
 package rediscache
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/extauthz/extauthz/internal/tokens"
 )
@@ -53,15 +63,32 @@ func NewClient(rawURL, mode string) (redis.UniversalClient, error) {
 		if o.MasterName == "" {
 			return nil, errors.New("sentinel mode needs ?master_name=... in the URL")
 		}
+		o.TLSConfig = perHostTLS(o.TLSConfig)
 		return redis.NewFailoverClient(o), nil
 	case ModeCluster:
 		o, err := redis.ParseClusterURL(rawURL)
 		if err != nil {
 			return nil, scrub(err, rawURL)
 		}
+		o.TLSConfig = perHostTLS(o.TLSConfig)
 		return redis.NewClusterClient(o), nil
 	}
 	return nil, fmt.Errorf("mode %q: want single, sentinel or cluster", mode)
+}
+
+// perHostTLS fixes rediss:// for sentinel and cluster: go-redis sets the
+// TLS server name to the URL's first host and uses it for every
+// connection, so the master a sentinel names, or any other cluster node,
+// would have to present the first host's certificate. Without a server
+// name, crypto/tls checks each connection against the host it dials.
+func perHostTLS(c *tls.Config) *tls.Config {
+	if c == nil {
+		return nil
+	}
+	c = c.Clone()
+	c.ServerName = ""
+	c.MinVersion = max(c.MinVersion, tls.VersionTLS12)
+	return c
 }
 
 // scrub keeps a password in the URL out of a parse error: net/url quotes
@@ -96,69 +123,38 @@ func (c *Cache) entryKey(k tokens.Digest) string {
 
 func (c *Cache) indexKey(keyID string) string { return c.prefix + "k:" + keyID }
 
-// wire is the stored form. Times are unix milliseconds.
-type wire struct {
-	Outcome tokens.Outcome `json:"o"`
-	KeyID   string         `json:"k,omitempty"`
-	Tenant  string         `json:"t,omitempty"`
-	Scopes  []string       `json:"s,omitempty"`
-	Expires int64          `json:"e,omitempty"`
-	Fresh   int64          `json:"f"`
-	Stale   int64          `json:"x"`
-}
+// maxEntry bounds what Get reads: a value longer than any entry is not
+// one, and reading it whole would let whoever wrote it make every replica
+// allocate it on every miss.
+const maxEntry = 8 << 10
 
-func ms(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixMilli()
-}
-
-func fromMS(v int64) time.Time {
-	if v == 0 {
-		return time.Time{}
-	}
-	return time.UnixMilli(v)
-}
-
-// Get implements tokens.SharedCache.
-func (c *Cache) Get(ctx context.Context, k tokens.Digest) (*tokens.SharedEntry, error) {
-	b, err := c.rdb.Get(ctx, c.entryKey(k)).Bytes()
-	if errors.Is(err, redis.Nil) {
-		return nil, nil
-	}
-	if err != nil {
+// Get implements tokens.SharedCache. GETRANGE reads at most maxEntry+1
+// bytes; a longer value, or a key of another type, is invalid.
+func (c *Cache) Get(ctx context.Context, k tokens.Digest) ([]byte, error) {
+	b, err := c.rdb.GetRange(ctx, c.entryKey(k), 0, maxEntry).Bytes()
+	switch {
+	case err != nil && strings.HasPrefix(err.Error(), "WRONGTYPE"):
+		return nil, fmt.Errorf("rediscache: get: %w: not a string", tokens.ErrSharedInvalid)
+	case err != nil:
 		return nil, fmt.Errorf("rediscache: get: %w", err)
+	case len(b) == 0:
+		return nil, nil // no such key (GETRANGE reads it as empty)
+	case len(b) > maxEntry:
+		return nil, fmt.Errorf("rediscache: get: %w: over %d bytes", tokens.ErrSharedInvalid, maxEntry)
 	}
-	var w wire
-	if err := json.Unmarshal(b, &w); err != nil || w.Outcome < tokens.OutcomeAllow || w.Outcome > tokens.OutcomeExpired {
-		// Unreadable (another version's format?): a miss, not an outage.
-		return nil, nil
-	}
-	return &tokens.SharedEntry{
-		Outcome: w.Outcome, KeyID: w.KeyID, TenantID: w.Tenant, Scopes: w.Scopes,
-		ExpiresAt: fromMS(w.Expires), FreshUntil: fromMS(w.Fresh), StaleUntil: fromMS(w.Stale),
-	}, nil
+	return b, nil
 }
 
 // Set implements tokens.SharedCache: one pipelined round trip.
-func (c *Cache) Set(ctx context.Context, k tokens.Digest, e *tokens.SharedEntry) error {
-	ttl := time.Until(e.StaleUntil)
+func (c *Cache) Set(ctx context.Context, k tokens.Digest, keyID string, v []byte, ttl time.Duration) error {
 	if ttl < time.Millisecond {
 		return nil
 	}
-	b, err := json.Marshal(wire{
-		Outcome: e.Outcome, KeyID: e.KeyID, Tenant: e.TenantID, Scopes: e.Scopes,
-		Expires: ms(e.ExpiresAt), Fresh: ms(e.FreshUntil), Stale: ms(e.StaleUntil),
-	})
-	if err != nil {
-		return err
-	}
 	ek := c.entryKey(k)
-	_, err = c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-		p.Set(ctx, ek, b, ttl)
-		if e.KeyID != "" {
-			ik := c.indexKey(e.KeyID)
+	_, err := c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+		p.Set(ctx, ek, v, ttl)
+		if keyID != "" {
+			ik := c.indexKey(keyID)
 			p.SAdd(ctx, ik, ek)
 			// The index must outlive every entry it names: set a TTL on a
 			// new index, and only ever extend it. EXPIRE takes whole
@@ -176,23 +172,44 @@ func (c *Cache) Set(ctx context.Context, k tokens.Digest, e *tokens.SharedEntry)
 	return nil
 }
 
-// Forget implements tokens.SharedCache. Deletes are single-key commands,
+// Delete implements tokens.SharedCache.
+func (c *Cache) Delete(ctx context.Context, k tokens.Digest) error {
+	if err := c.rdb.Del(ctx, c.entryKey(k)).Err(); err != nil {
+		return fmt.Errorf("rediscache: delete: %w", err)
+	}
+	return nil
+}
+
+// Forget implements tokens.SharedCache. It reads each index in pages, so
+// that an index grown huge costs time, not memory, and deletes only the
+// entry keys it names under this prefix. Deletes are single-key commands,
 // so they work on Cluster whatever slots the keys hash to.
 func (c *Cache) Forget(ctx context.Context, keyIDs []string) error {
+	entries := c.prefix + "d:"
 	for _, id := range keyIDs {
 		ik := c.indexKey(id)
-		members, err := c.rdb.SMembers(ctx, ik).Result()
-		if err != nil {
-			return fmt.Errorf("rediscache: forget: %w", err)
-		}
-		_, err = c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
-			for _, m := range members {
-				p.Del(ctx, m)
+		var cursor uint64
+		for {
+			members, next, err := c.rdb.SScan(ctx, ik, cursor, "", 500).Result()
+			if err != nil {
+				return fmt.Errorf("rediscache: forget: %w", err)
 			}
-			p.Del(ctx, ik)
-			return nil
-		})
-		if err != nil {
+			_, err = c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
+				for _, m := range members {
+					if strings.HasPrefix(m, entries) {
+						p.Del(ctx, m)
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				return fmt.Errorf("rediscache: forget: %w", err)
+			}
+			if cursor = next; cursor == 0 {
+				break
+			}
+		}
+		if err := c.rdb.Del(ctx, ik).Err(); err != nil {
 			return fmt.Errorf("rediscache: forget: %w", err)
 		}
 	}
@@ -219,32 +236,51 @@ func (c *Cache) Claim(ctx context.Context, keyIDs []string, interval time.Durati
 	return won, nil
 }
 
-// Bus carries key changes between replicas and from the CLI.
+// Bus carries key changes between replicas and from the CLI. Messages are
+// sealed (tokens.SharedSealer) with the time they were sent; a subscriber
+// drops, and counts, any message that is not sealed by a holder of a
+// configured pepper, was sent more than MessageWindow from its clock, or
+// is a copy of one it already applied. Such a message never flushes a
+// cache.
 type Bus struct {
-	rdb     redis.UniversalClient
-	channel string
+	rdb      redis.UniversalClient
+	channel  string
+	seal     *tokens.SharedSealer
+	log      *zap.Logger
+	now      func() time.Time
+	rejected atomic.Uint64
 }
 
-// NewBus uses rdb's pub/sub on channel prefix+"invalidate".
-func NewBus(rdb redis.UniversalClient, prefix string) *Bus {
-	return &Bus{rdb: rdb, channel: prefix + "invalidate"}
+// MessageWindow is how far a message's sending time may be from a
+// subscriber's clock: replicas and the CLI must keep their clocks within it.
+const MessageWindow = time.Minute
+
+// NewBus uses rdb's pub/sub on channel prefix+"invalidate", sealing and
+// opening messages with seal. log may be nil.
+func NewBus(rdb redis.UniversalClient, prefix string, seal *tokens.SharedSealer, log *zap.Logger) *Bus {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Bus{rdb: rdb, channel: prefix + "invalidate", seal: seal, log: log, now: time.Now}
 }
+
+// Rejected counts messages dropped: unsealed, altered, too old or replayed.
+func (b *Bus) Rejected() uint64 { return b.rejected.Load() }
 
 type message struct {
 	KeyIDs []string `json:"ids,omitempty"`
 	Tenant string   `json:"tenant,omitempty"`
 	Added  bool     `json:"added,omitempty"`
 	All    bool     `json:"all,omitempty"`
-	Sent   int64    `json:"sent"` // unix nanoseconds, for the propagation-lag metric
 }
 
 // Publish announces a change to every subscribed replica.
 func (b *Bus) Publish(ctx context.Context, c tokens.Change) error {
-	payload, err := json.Marshal(message{KeyIDs: c.KeyIDs, Tenant: c.Tenant, Added: c.Added, All: c.All, Sent: time.Now().UnixNano()})
+	body, err := json.Marshal(message{KeyIDs: c.KeyIDs, Tenant: c.Tenant, Added: c.Added, All: c.All})
 	if err != nil {
 		return err
 	}
-	if err := b.rdb.Publish(ctx, b.channel, payload).Err(); err != nil {
+	if err := b.rdb.Publish(ctx, b.channel, b.seal.SealMessage(body, b.now())).Err(); err != nil {
 		return fmt.Errorf("rediscache: publish: %w", err)
 	}
 	return nil
@@ -258,6 +294,8 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 	defer ps.Close()
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
 	subscribed := false
+	seen := replays{}
+	var lastLog time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -275,20 +313,68 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 					subscribed = true
 				}
 			case *redis.Message:
-				fn(decodeMessage(m.Payload))
+				now := b.now()
+				c, err := b.open(m.Payload, now, seen)
+				if err != nil {
+					b.rejected.Add(1)
+					if now.Sub(lastLog) >= time.Second {
+						lastLog = now
+						b.log.Warn("invalidation message dropped: not from a replica of this deployment, or replayed (is anyone else publishing?)",
+							zap.String("reason", err.Error()), zap.Int("bytes", len(m.Payload)), zap.Uint64("rejected_total", b.rejected.Load()))
+					}
+					continue
+				}
+				fn(c)
 			}
 		}
 	}
 }
 
-func decodeMessage(payload string) tokens.Change {
+// replays holds the tags of messages applied within the window, each until
+// it leaves the window: a message can only be replayed while it is in it.
+// Only sealed messages enter, so its size follows the rate of real changes.
+type replays map[[32]byte]int64
+
+func (r replays) seen(tag [32]byte, sent, now time.Time) bool {
+	if _, ok := r[tag]; ok {
+		return true
+	}
+	if len(r) >= 1024 {
+		for t, until := range r {
+			if until < now.UnixNano() {
+				delete(r, t)
+			}
+		}
+	}
+	r[tag] = sent.Add(MessageWindow).UnixNano()
+	return false
+}
+
+// open authenticates and decodes one message received at now.
+func (b *Bus) open(payload string, now time.Time, seen replays) (tokens.Change, error) {
+	body, sent, tag, err := b.seal.OpenMessage([]byte(payload))
+	if err != nil {
+		return tokens.Change{}, err
+	}
+	if d := now.Sub(sent); d > MessageWindow || d < -MessageWindow {
+		return tokens.Change{}, fmt.Errorf("sent %v from this replica's clock, beyond %v", d.Round(time.Millisecond), MessageWindow)
+	}
 	var m message
-	if err := json.Unmarshal([]byte(payload), &m); err != nil {
-		return tokens.Change{All: true, Source: "redis"}
+	dec := json.NewDecoder(strings.NewReader(string(body)))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&m); err != nil {
+		return tokens.Change{}, fmt.Errorf("sealed, but unreadable: %w", err)
 	}
-	c := tokens.Change{KeyIDs: m.KeyIDs, Tenant: m.Tenant, Added: m.Added, All: m.All, Source: "redis"}
-	if m.Sent > 0 {
-		c.SentAt = time.Unix(0, m.Sent)
+	for _, id := range m.KeyIDs {
+		if tokens.ValidateTenant(id) != nil { // key ids share the tenant alphabet
+			return tokens.Change{}, errors.New("sealed, but names an invalid key id")
+		}
 	}
-	return c
+	if m.Tenant != "" && tokens.ValidateTenant(m.Tenant) != nil {
+		return tokens.Change{}, errors.New("sealed, but names an invalid tenant")
+	}
+	if seen.seen(tag, sent, now) {
+		return tokens.Change{}, errors.New("a copy of a message already applied")
+	}
+	return tokens.Change{KeyIDs: m.KeyIDs, Tenant: m.Tenant, Added: m.Added, All: m.All, Source: "redis", SentAt: sent}, nil
 }

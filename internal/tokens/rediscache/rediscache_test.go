@@ -3,13 +3,15 @@ package rediscache
 import (
 	"context"
 	"crypto/sha256"
+	"crypto/tls"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/google/go-cmp/cmp/cmpopts"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/extauthz/extauthz/internal/testsvc"
 	"github.com/extauthz/extauthz/internal/tokens"
@@ -23,51 +25,65 @@ func ctx(t *testing.T) context.Context {
 
 func digest(s string) tokens.Digest { return sha256.Sum256([]byte(s)) }
 
-func entry(keyID string, ttl time.Duration) *tokens.SharedEntry {
-	now := time.Now()
-	return &tokens.SharedEntry{
-		Outcome: tokens.OutcomeAllow, KeyID: keyID, TenantID: "acme", Scopes: []string{"read"},
-		ExpiresAt: now.Add(time.Hour).Truncate(time.Millisecond), FreshUntil: now.Add(ttl / 2).Truncate(time.Millisecond),
-		StaleUntil: now.Add(ttl).Truncate(time.Millisecond),
+var testPeppers = []tokens.Pepper{{ID: "p1", Secret: []byte(strings.Repeat("s", 32))}}
+
+func hasher() *tokens.Hasher {
+	h, err := tokens.NewHasher(testPeppers)
+	if err != nil {
+		panic(err)
 	}
+	return h
 }
 
-func TestGetSetForget(t *testing.T) {
+func sealer(prefix string) *tokens.SharedSealer { return hasher().SharedSealer(prefix) }
+
+func TestGetSetDeleteForget(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := testsvc.NewRedis(t)
 	c := New(rdb, prefix)
 	ctx := ctx(t)
-	if e, err := c.Get(ctx, digest("a")); e != nil || err != nil {
-		t.Fatalf("miss: %v %v", e, err)
+	if v, err := c.Get(ctx, digest("a")); v != nil || err != nil {
+		t.Fatalf("miss: %q %v", v, err)
 	}
-	a1, a2, b := entry("key-a", time.Minute), entry("key-a", time.Minute), entry("key-b", time.Minute)
-	a2.Outcome = tokens.OutcomeRevoked
-	for k, e := range map[string]*tokens.SharedEntry{"a1": a1, "a2": a2, "b": b} {
-		if err := c.Set(ctx, digest(k), e); err != nil {
+	for k, id := range map[string]string{"a1": "key-a", "a2": "key-a", "b": "key-b", "c": "key-c"} {
+		if err := c.Set(ctx, digest(k), id, []byte("value "+k), time.Minute); err != nil {
 			t.Fatal(err)
 		}
 	}
 	got, err := c.Get(ctx, digest("a1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if d := cmp.Diff(a1, got, cmpopts.EquateApproxTime(time.Millisecond)); d != "" {
-		t.Fatalf("round trip (-want +got):\n%s", d)
+	if err != nil || string(got) != "value a1" {
+		t.Fatalf("round trip: %q %v", got, err)
 	}
 	// Forget finds every entry of a key through the index, and only those.
 	if err := c.Forget(ctx, []string{"key-a"}); err != nil {
 		t.Fatal(err)
 	}
 	for _, k := range []string{"a1", "a2"} {
-		if e, _ := c.Get(ctx, digest(k)); e != nil {
+		if v, _ := c.Get(ctx, digest(k)); v != nil {
 			t.Errorf("%s survived Forget", k)
 		}
 	}
-	if e, _ := c.Get(ctx, digest("b")); e == nil {
+	if v, _ := c.Get(ctx, digest("b")); v == nil {
 		t.Error("other key's entry forgotten")
 	}
 	if n, _ := rdb.Exists(ctx, prefix+"k:key-a").Result(); n != 0 {
 		t.Error("index survived Forget")
+	}
+	if err := c.Delete(ctx, digest("b")); err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := c.Get(ctx, digest("b")); v != nil {
+		t.Error("b survived Delete")
+	}
+	// An index that names keys outside the entries of this prefix (whoever
+	// can write to Redis added them) does not make Forget delete them.
+	rdb.Set(ctx, prefix+"bystander", "x", time.Minute)
+	rdb.SAdd(ctx, c.indexKey("key-c"), prefix+"bystander")
+	if err := c.Forget(ctx, []string{"key-c"}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := rdb.Exists(ctx, prefix+"bystander", c.entryKey(digest("c"))).Result(); n != 1 {
+		t.Errorf("after Forget %d of the bystander and c's entry exist, want the bystander only", n)
 	}
 }
 
@@ -76,10 +92,10 @@ func TestIndexOutlivesEntries(t *testing.T) {
 	rdb, prefix := testsvc.NewRedis(t)
 	c := New(rdb, prefix)
 	ctx := ctx(t)
-	if err := c.Set(ctx, digest("long"), entry("k", time.Hour)); err != nil {
+	if err := c.Set(ctx, digest("long"), "k", []byte("v"), time.Hour); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Set(ctx, digest("short"), entry("k", 5*time.Second)); err != nil {
+	if err := c.Set(ctx, digest("short"), "k", []byte("v"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
 	// Absolute expiry times, not PTTLs: two PTTL reads are taken at
@@ -91,17 +107,24 @@ func TestIndexOutlivesEntries(t *testing.T) {
 	}
 }
 
-func TestUnreadableIsMiss(t *testing.T) {
+// A value no entry can be, read whole, would cost every replica its size
+// on every miss; a key of another type is no entry either. Both are
+// invalid (the authenticator rejects and deletes them), not an outage.
+func TestUnreadableIsInvalid(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := testsvc.NewRedis(t)
 	c := New(rdb, prefix)
 	ctx := ctx(t)
-	rdb.Set(ctx, c.entryKey(digest("x")), "not json", time.Minute)
-	rdb.Set(ctx, c.entryKey(digest("y")), `{"o":99,"f":1,"x":1}`, time.Minute)
-	for _, k := range []string{"x", "y"} {
-		if e, err := c.Get(ctx, digest(k)); e != nil || err != nil {
-			t.Errorf("%s: %v %v, want a miss", k, e, err)
+	rdb.Set(ctx, c.entryKey(digest("big")), strings.Repeat("x", 2<<20), time.Minute)
+	rdb.LPush(ctx, c.entryKey(digest("list")), "x")
+	for _, k := range []string{"big", "list"} {
+		if v, err := c.Get(ctx, digest(k)); v != nil || !errors.Is(err, tokens.ErrSharedInvalid) {
+			t.Errorf("%s: %d bytes, %v; want ErrSharedInvalid", k, len(v), err)
 		}
+	}
+	rdb.Set(ctx, c.entryKey(digest("max")), strings.Repeat("x", maxEntry), time.Minute)
+	if v, err := c.Get(ctx, digest("max")); len(v) != maxEntry || err != nil {
+		t.Errorf("longest value: %d bytes, %v", len(v), err)
 	}
 }
 
@@ -116,7 +139,13 @@ func TestDownIsAnError(t *testing.T) {
 func TestBus(t *testing.T) {
 	t.Parallel()
 	rdb, prefix := testsvc.NewRedis(t)
-	bus := NewBus(rdb, prefix)
+	// The bus's own client, named, so that killing its connection below
+	// leaves other tests' subscriptions alone.
+	o := *rdb.Options()
+	o.ClientName = strings.ReplaceAll(prefix, ":", "-") + "bus"
+	busClient := redis.NewClient(&o)
+	defer busClient.Close()
+	bus := NewBus(busClient, prefix, sealer(prefix), zaptest.NewLogger(t))
 	ctx := ctx(t)
 	got := make(chan tokens.Change, 10)
 	sctx, cancel := context.WithCancel(ctx)
@@ -134,8 +163,22 @@ func TestBus(t *testing.T) {
 		t.Fatalf("received %+v", c)
 	}
 	// A dropped connection: after go-redis resubscribes, we hear "All".
-	if err := rdb.Do(ctx, "CLIENT", "KILL", "TYPE", "pubsub").Err(); err != nil {
+	clients, err := rdb.ClientList(ctx).Result()
+	if err != nil {
 		t.Fatal(err)
+	}
+	killed := 0
+	for _, line := range strings.Split(clients, "\n") {
+		if strings.Contains(line, " name="+o.ClientName+" ") && strings.Contains(line, " sub=1 ") {
+			id, _, _ := strings.Cut(strings.TrimPrefix(line, "id="), " ")
+			if err := rdb.Do(ctx, "CLIENT", "KILL", "ID", id).Err(); err != nil {
+				t.Fatal(err)
+			}
+			killed++
+		}
+	}
+	if killed != 1 {
+		t.Fatalf("killed %d subscriptions, want the bus's one", killed)
 	}
 	select {
 	case c := <-got:
@@ -169,6 +212,30 @@ func TestNewClientModes(t *testing.T) {
 			c.Close()
 		}
 	}
+	// rediss:// in every mode: TLS 1.2 or later, and for sentinel and
+	// cluster each connection verified against the host it dials, not the
+	// URL's first host (a sentinel's certificate is not the master's).
+	for _, tc := range []struct{ url, mode, serverName string }{
+		{"rediss://u:p@redis.example:6380/0", ModeSingle, "redis.example"},
+		{"rediss://s1.example:26379?master_name=m&addr=s2.example:26379", ModeSentinel, ""},
+		{"rediss://n1.example:6379?addr=n2.example:6379", ModeCluster, ""},
+	} {
+		c, err := NewClient(tc.url, tc.mode)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.url, err)
+		}
+		var tc2 *tls.Config
+		switch c := c.(type) {
+		case *redis.Client:
+			tc2 = c.Options().TLSConfig
+		case *redis.ClusterClient:
+			tc2 = c.Options().TLSConfig
+		}
+		if tc2 == nil || tc2.ServerName != tc.serverName || tc2.MinVersion < tls.VersionTLS12 {
+			t.Errorf("%s (%s): TLS config %+v, want server name %q and TLS 1.2+", tc.url, tc.mode, tc2, tc.serverName)
+		}
+		c.Close()
+	}
 	_, err := NewClient("redis://user:hunter2@[bad", ModeSingle)
 	if err == nil || strings.Contains(err.Error(), "hunter2") {
 		t.Errorf("parse error %v must not echo the password", err)
@@ -188,4 +255,67 @@ func TestUsageGateOneWinnerPerInterval(t *testing.T) {
 	if err != nil || second[0] || !second[1] {
 		t.Fatalf("second claim: %v %v, want a lost and c won", second, err)
 	}
+}
+
+// The README's ACL (a user restricted to the prefix's keys and channel,
+// and to the commands extauthz sends) is enough for everything a replica
+// and the CLI do, and keeps them off every other key.
+func TestACLUserSuffices(t *testing.T) {
+	t.Parallel()
+	admin, prefix := testsvc.NewRedis(t)
+	ctx := ctx(t)
+	user := "extauthz-test-" + strings.Trim(strings.ReplaceAll(prefix, ":", "-"), "-")
+	rules := append([]any{"ACL", "SETUSER", user, "reset", "on", ">pw", "~" + prefix + "*", "&" + prefix + "*"}, aclCommands()...)
+	if err := admin.Do(ctx, rules...).Err(); err != nil {
+		t.Fatalf("ACL SETUSER: %v", err)
+	}
+	t.Cleanup(func() { admin.Do(context.Background(), "ACL", "DELUSER", user) })
+	o := *admin.Options()
+	o.Username, o.Password = user, "pw"
+	rdb := redis.NewClient(&o)
+	defer rdb.Close()
+
+	c, bus := New(rdb, prefix), NewBus(rdb, prefix, sealer(prefix), zaptest.NewLogger(t))
+	got := make(chan tokens.Change, 1)
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	subErr := make(chan error, 1)
+	go func() { subErr <- bus.Subscribe(sctx, func(ch tokens.Change) { got <- ch }) }()
+	for admin.PubSubNumSub(ctx, prefix+"invalidate").Val()[prefix+"invalidate"] == 0 {
+		select {
+		case err := <-subErr:
+			t.Fatalf("subscribe: %v", err)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	steps := []struct {
+		name string
+		run  func() error
+	}{
+		{"set", func() error { return c.Set(ctx, digest("a"), "key-a", []byte("v"), time.Minute) }},
+		{"get", func() error { _, err := c.Get(ctx, digest("a")); return err }},
+		{"delete", func() error { return c.Delete(ctx, digest("a")) }},
+		{"forget", func() error { return c.Forget(ctx, []string{"key-a"}) }},
+		{"claim", func() error { _, err := c.Claim(ctx, []string{"key-a"}, time.Minute); return err }},
+		{"publish", func() error { return bus.Publish(ctx, tokens.Change{KeyIDs: []string{"key-a"}}) }},
+	}
+	for _, s := range steps {
+		if err := s.run(); err != nil {
+			t.Fatalf("%s as the ACL user: %v", s.name, err)
+		}
+	}
+	select {
+	case <-got:
+	case <-time.After(5 * time.Second):
+		t.Fatal("published change not received")
+	}
+	if err := rdb.Set(ctx, "outside-the-prefix", "x", time.Second).Err(); err == nil || !strings.Contains(err.Error(), "NOPERM") {
+		t.Fatalf("write outside the prefix: %v, want NOPERM", err)
+	}
+}
+
+// aclCommands are the README's command rules for the extauthz user.
+func aclCommands() []any {
+	return []any{"-@all", "+getrange", "+set", "+del", "+sadd", "+sscan", "+expire", "+publish", "+subscribe",
+		"+ping", "+hello", "+auth", "+client|setname", "+select", "+readonly", "+cluster|slots", "+cluster|shards"}
 }
