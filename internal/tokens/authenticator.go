@@ -278,7 +278,7 @@ func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint
 	}
 	// Off the check's path (sealing too); bounded by SharedTimeout.
 	go func() {
-		e := d.shared(fresh, stale)
+		k, e := k, d.shared(fresh, stale) // the goroutine's own k: keep's stays off the heap
 		v, ok := a.seal.sealEntry(&k, &e)
 		ttl := time.Duration(stale - a.opts.Now().UnixNano())
 		if !ok || ttl < time.Millisecond {

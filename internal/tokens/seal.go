@@ -37,6 +37,14 @@ const sealLabel = "extauthz shared-tier v1\x00"
 
 type macPool struct{ p *sync.Pool }
 
+// macState is a pooled HMAC with room for its input digest and output, so
+// that neither escapes to the heap through the hash.Hash interface.
+type macState struct {
+	h    hash.Hash
+	bind Digest
+	sum  [tagLen]byte
+}
+
 // SharedSealer returns the sealer for a deployment: domain is its Redis key
 // prefix.
 func (h *Hasher) SharedSealer(domain string) *SharedSealer {
@@ -45,7 +53,7 @@ func (h *Hasher) SharedSealer(domain string) *SharedSealer {
 		m := hmac.New(sha256.New, p.Secret)
 		m.Write([]byte(sealLabel))
 		key := m.Sum(nil)
-		s.keys = append(s.keys, macPool{&sync.Pool{New: func() any { return hmac.New(sha256.New, key) }}})
+		s.keys = append(s.keys, macPool{&sync.Pool{New: func() any { return &macState{h: hmac.New(sha256.New, key)} }}})
 	}
 	hdr := binary.AppendUvarint(nil, uint64(len(domain)))
 	hdr = append(hdr, domain...)
@@ -56,22 +64,25 @@ func (h *Hasher) SharedSealer(domain string) *SharedSealer {
 
 const tagLen = sha256.Size
 
-// tag is HMAC(key i, hdr | bind | body).
-func (s *SharedSealer) tag(i int, hdr, bind, body []byte) [tagLen]byte {
-	m := s.keys[i].p.Get().(hash.Hash)
-	m.Reset()
-	m.Write(hdr)
-	m.Write(bind)
-	m.Write(body)
-	var t [tagLen]byte
-	m.Sum(t[:0])
-	s.keys[i].p.Put(m)
+// tag is HMAC(key i, hdr | bind | body); bind is a digest, or nil.
+func (s *SharedSealer) tag(i int, hdr []byte, bind *Digest, body []byte) [tagLen]byte {
+	st := s.keys[i].p.Get().(*macState)
+	st.h.Reset()
+	st.h.Write(hdr)
+	if bind != nil {
+		st.bind = *bind
+		st.h.Write(st.bind[:])
+	}
+	st.h.Write(body)
+	st.h.Sum(st.sum[:0])
+	t := st.sum
+	s.keys[i].p.Put(st)
 	return t
 }
 
 // open checks v's trailing tag against every key, in constant time each,
 // and returns the body before it.
-func (s *SharedSealer) open(hdr, bind, v []byte) ([]byte, bool) {
+func (s *SharedSealer) open(hdr []byte, bind *Digest, v []byte) ([]byte, bool) {
 	if len(v) < 1+tagLen {
 		return nil, false
 	}
@@ -118,7 +129,7 @@ func (s *SharedSealer) sealEntry(k *Digest, e *sharedEntry) ([]byte, bool) {
 		return nil, false
 	}
 	b := appendEntry(make([]byte, 0, 1+1+24+1+len(e.keyID)+1+len(e.tenant)+2+len(e.scopesHeader)+tagLen), e)
-	t := s.tag(0, s.entryHdr, k[:], b)
+	t := s.tag(0, s.entryHdr, k, b)
 	return append(b, t[:]...), true
 }
 
@@ -144,7 +155,7 @@ func (s *SharedSealer) openEntry(k *Digest, v []byte) (sharedEntry, error) {
 	if len(v) > maxSharedEntry {
 		return sharedEntry{}, errSealForged
 	}
-	b, ok := s.open(s.entryHdr, k[:], v)
+	b, ok := s.open(s.entryHdr, k, v)
 	if !ok {
 		return sharedEntry{}, errSealForged
 	}

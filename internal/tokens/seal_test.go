@@ -12,7 +12,7 @@ import (
 // sealRaw seals any body as an entry of k: what a replica with a bug, or
 // an older or newer format, could write. An attacker cannot.
 func sealRaw(s *SharedSealer, k *Digest, body []byte) []byte {
-	t := s.tag(0, s.entryHdr, k[:], body)
+	t := s.tag(0, s.entryHdr, k, body)
 	return append(append([]byte(nil), body...), t[:]...)
 }
 
@@ -149,6 +149,7 @@ func TestSharedEntryRejectedOrSkipped(t *testing.T) {
 	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testPair)); err != nil {
 		t.Fatal(err)
 	}
+	waitSet(t, shared) // its own write-back, before the forgery below
 	if f.a.Stats().SharedRejected.Load() != 0 || f.a.Stats().SharedMisses.Load() != 1 || len(shared.deletes) != 0 {
 		t.Fatalf("newer format: rejected %d, misses %d, deletes %d; want 0, 1, 0",
 			f.a.Stats().SharedRejected.Load(), f.a.Stats().SharedMisses.Load(), len(shared.deletes))
