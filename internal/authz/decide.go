@@ -235,10 +235,15 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	if err != nil || !isToken(req.Method) {
 		return Decision{Reason: MalformedPath}, nil
 	}
-	route := s.opts.Routes.Match(req.Host, req.Method, path)
+	rules, n := s.rulesFor(req, path)
 	// Every source's requirement holds: a public rule waives the key only
-	// when the route's context_extensions require no scope either.
-	if route != nil && route.Public && !anyScope(req.Scopes) {
+	// when every reading of the path is public and the route's
+	// context_extensions require no scope either.
+	public := !anyScope(req.Scopes)
+	for _, r := range rules[:n] {
+		public = public && r != nil && r.Public
+	}
+	if public {
 		return Decision{Reason: AllowedPublic}, nil
 	}
 	cred, from, err := s.opts.Extractor.Extract(req.Header)
@@ -274,12 +279,31 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 	if s.opts.Usage != nil {
 		s.opts.Usage.RecordAt(res.Principal.KeyID, now)
 	}
-	if route != nil && !res.Principal.HasScopes(route.Scopes) || !hasScopeList(&res.Principal, req.Scopes) {
+	for _, r := range rules[:n] {
+		if r != nil && !res.Principal.HasScopes(r.Scopes) {
+			d.Reason = InsufficientScope
+			return d, nil
+		}
+	}
+	if !hasScopeList(&res.Principal, req.Scopes) {
 		d.Reason = InsufficientScope
 		return d, nil
 	}
 	d.Reason = Allowed
 	return d, nil
+}
+
+// rulesFor returns the route rules that apply to a request, n of them: the
+// rule of its canonical path, and with EXTAUTHZ_ENCODED_SLASHES=keep and a
+// %2F in the path, also the rule of the path with %2F read as "/", which
+// is what an upstream that decodes it acts on. Both must be satisfied.
+func (s *Service) rulesFor(req *Request, path string) (rules [2]*Route, n int) {
+	rules[0] = s.opts.Routes.Match(req.Host, req.Method, path)
+	if !s.opts.Paths.KeepEncodedSlashes || !strings.Contains(path, "%2F") {
+		return rules, 1
+	}
+	rules[1] = s.opts.Routes.Match(req.Host, req.Method, strings.ReplaceAll(path, "%2F", "/"))
+	return rules, 2
 }
 
 // isToken reports whether m is an HTTP method: an RFC 9110 token of at most

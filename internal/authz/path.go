@@ -18,7 +18,10 @@ var ErrMalformedPath = errors.New("authz: malformed path")
 type PathOptions struct {
 	// KeepEncodedSlashes makes %2F an ordinary character inside a segment
 	// (EXTAUTHZ_ENCODED_SLASHES=keep), for APIs that put it in ids;
-	// otherwise a path holding one is malformed.
+	// otherwise a path holding one is malformed. Even kept, the pieces
+	// between %2Fs may not be empty, "." or "..", and rules are matched on
+	// both readings of the path (Service.decide), so that an upstream that
+	// does decode %2F acts on no path the rules did not judge.
 	KeepEncodedSlashes bool
 }
 
@@ -89,6 +92,7 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 	var segs []string
 	var seg strings.Builder
 	decoded := make([]byte, 0, len(raw))
+	climbsKept := false
 	trailing := false
 	flush := func() {
 		s := seg.String()
@@ -96,6 +100,9 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 		switch s {
 		case ".", "..":
 			if s == ".." && len(segs) > 0 {
+				// With %2F kept, ".." after "a%2Fb" climbs one segment
+				// here and two in an upstream that decodes it.
+				climbsKept = climbsKept || strings.Contains(segs[len(segs)-1], "%2F")
 				segs = segs[:len(segs)-1]
 			}
 			trailing = true
@@ -142,6 +149,14 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 		// bytes whose meaning is the upstream's to choose.
 		return "", ErrMalformedPath
 	}
+	if climbsKept {
+		return "", ErrMalformedPath
+	}
+	for _, seg := range segs {
+		if o.KeepEncodedSlashes && !slashSafe(seg) {
+			return "", ErrMalformedPath
+		}
+	}
 	if len(segs) == 0 {
 		return "/", nil
 	}
@@ -159,6 +174,21 @@ func canonicalSlow(raw string, o PathOptions) (string, error) {
 		b.WriteByte('/')
 	}
 	return b.String(), nil
+}
+
+// slashSafe reports whether a segment reads the same to an upstream that
+// decodes %2F into a separator: no empty, "." or ".." piece between its
+// %2Fs, so that decoding them adds segments but never climbs or merges.
+func slashSafe(seg string) bool {
+	if !strings.Contains(seg, "%2F") {
+		return true
+	}
+	for _, piece := range strings.Split(seg, "%2F") {
+		if piece == "" || piece == "." || piece == ".." {
+			return false
+		}
+	}
+	return true
 }
 
 // writeCanonical writes one decoded byte: as itself when it is printable

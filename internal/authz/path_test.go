@@ -34,8 +34,8 @@ func TestCanonicalPath(t *testing.T) {
 		{raw: "/a%3Fb%23c%3bd", want: "/a%3Fb%23c%3Bd"},
 		{raw: "/a%24b%3A", want: "/a$b:"},
 		{raw: "/files/a%2Fb", want: "/files/a%2Fb", keep: true},
-		{raw: "/files/a%2fb/../c", want: "/files/c", keep: true},
-		{raw: "/x%2F..%2Fadmin", want: "/x%2F..%2Fadmin", keep: true},
+		{raw: "/files/a%2fb/c/../d", want: "/files/a%2Fb/d", keep: true},
+		{raw: "/files/a%2Fb%2Fc.txt", want: "/files/a%2Fb%2Fc.txt", keep: true},
 	} {
 		got, err := CanonicalPath(tc.raw, PathOptions{KeepEncodedSlashes: tc.keep})
 		if err != nil || got != tc.want {
@@ -53,9 +53,12 @@ func TestCanonicalPath(t *testing.T) {
 			t.Errorf("CanonicalPath(%q) = %q, want malformed", raw, got)
 		}
 	}
-	// keep makes only %2F data: %5C stays malformed.
-	if _, err := CanonicalPath("/a%5Cb", PathOptions{KeepEncodedSlashes: true}); err == nil {
-		t.Error("%5C accepted with keep")
+	// keep makes only %2F data, and only between names: an upstream that
+	// decodes it must not find a dot segment or an empty one there.
+	for _, raw := range []string{"/a%5Cb", "/x%2F..%2Fadmin", "/public/..%2Fadmin", "/%2Fadmin", "/admin%2F", "/a%2F%2Fb", "/a%2F.%2Fb", "/x/%2E%2E%2Fadmin", "/admin%2Fx/..", "/files/a%2fb/../c"} {
+		if got, err := CanonicalPath(raw, PathOptions{KeepEncodedSlashes: true}); err == nil {
+			t.Errorf("CanonicalPath(%q, keep) = %q, want malformed", raw, got)
+		}
 	}
 }
 
@@ -192,6 +195,14 @@ func FuzzCanonicalPath(f *testing.F) {
 		}
 		if a, b := ruleOf(t, got, o), ruleOf(t, up, o); a != b {
 			t.Fatalf("%q: rule %q for extauthz, %q for the upstream's %q", raw, a, b, up)
+		}
+		if keep {
+			// An upstream that decodes %2F after all acts on the second
+			// reading extauthz also judges (Service.rulesFor).
+			dec, _ := upstreamPath(raw, PathOptions{})
+			if second := strings.ReplaceAll(got, "%2F", "/"); trimSlash(dec) != trimSlash(second) {
+				t.Fatalf("keep: CanonicalPath(%q) = %q, read with slashes %q, but a decoding upstream acts on %q", raw, got, second, dec)
+			}
 		}
 	})
 }

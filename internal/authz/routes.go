@@ -120,12 +120,15 @@ func (r *Route) matchHost(host string) bool {
 	return host == r.Host
 }
 
+// matchMethod: a rule naming GET also holds HEAD, which servers answer
+// by running the GET handler.
 func (r *Route) matchMethod(m string) bool {
 	if len(r.Methods) == 0 {
 		return true
 	}
+	head := strings.EqualFold(m, "HEAD")
 	for _, x := range r.Methods {
-		if strings.EqualFold(x, m) {
+		if strings.EqualFold(x, m) || head && x == "GET" {
 			return true
 		}
 	}

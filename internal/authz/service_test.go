@@ -339,6 +339,13 @@ func TestRoutes(t *testing.T) {
 		r, _ = e.svc.Check(ctx(t), req("GET", "x", p, nil))
 		checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
 	}
+	// HEAD runs the GET handler: a rule naming GET holds it too.
+	getRule, _ := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/","public":true},{"path_prefix":"/reports","methods":["GET"],"scopes":["reports"]}]}`), PathOptions{})
+	eg := newEnv(t, Options{Routes: getRule})
+	for _, m := range []string{"GET", "HEAD", "head"} {
+		r, _ = eg.svc.Check(ctx(t), req(m, "x", "/reports/q1.txt", nil))
+		checkDeny(t, r, denyWant{codes.Unauthenticated, 401, "missing_credential"})
+	}
 	// A method that is not one matches no rule's methods: not judged either.
 	r, _ = e.svc.Check(ctx(t), req("POST, GET", "api.example.com", "/v1/orders", key))
 	checkDeny(t, r, denyWant{codes.InvalidArgument, 400, "malformed_path"})
@@ -484,5 +491,51 @@ func TestDecisionLogRedactsCredentialsAnywhere(t *testing.T) {
 		if len(v) > bound+40 || !strings.Contains(v, "cut from") {
 			t.Errorf("%s: %d bytes logged (bound %d): %.60q...", field, len(v), bound, v)
 		}
+	}
+}
+
+// With EXTAUTHZ_ENCODED_SLASHES=keep, %2F is data to extauthz, but an
+// upstream may decode it: the rules of both readings must be satisfied.
+func TestRoutesKeepEncodedSlashes(t *testing.T) {
+	t.Parallel()
+	o := PathOptions{KeepEncodedSlashes: true}
+	routes, err := ParseRoutes([]byte(`{"routes":[{"path_prefix":"/public","public":true},{"path_prefix":"/admin","scopes":["admin"]}]}`), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, Options{Routes: routes, Paths: o})
+	reader := map[string]string{"x-api-key": e.issue(t, tokens.IssueParams{Scopes: []string{"read"}}).Credential}
+	req := func(path string, h map[string]string) *authv3.CheckRequest {
+		r := httpReq(h)
+		r.Attributes.Request.Http.Path = path
+		return r
+	}
+	for _, tc := range []struct {
+		path string
+		h    map[string]string
+		want denyWant
+	}{
+		{"/admin%2Freport.txt", reader, denyWant{codes.PermissionDenied, 403, "insufficient_scope"}},
+		{"/x%2Fadmin", reader, denyWant{}},
+		{"/public%2Fx", nil, denyWant{codes.Unauthenticated, 401, "missing_credential"}},
+		{"/public/..%2Fadmin/report.txt", nil, denyWant{codes.InvalidArgument, 400, "malformed_path"}},
+		{"/admin%2Fx/..", nil, denyWant{codes.InvalidArgument, 400, "malformed_path"}},
+		{"/%2Fadmin", reader, denyWant{codes.InvalidArgument, 400, "malformed_path"}},
+	} {
+		r, err := e.svc.Check(ctx(t), req(tc.path, tc.h))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tc.want.code == codes.OK {
+			if r.GetStatus().GetCode() != 0 {
+				t.Errorf("%s: denied %v, want allowed", tc.path, r.GetStatus())
+			}
+			continue
+		}
+		checkDeny(t, r, tc.want)
+	}
+	r, _ := e.svc.Check(ctx(t), req("/public/a%2Fb", nil))
+	if r.GetStatus().GetCode() != 0 {
+		t.Errorf("/public/a%%2Fb: both readings public, got %v", r.GetStatus())
 	}
 }
