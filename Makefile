@@ -50,6 +50,7 @@ fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzWireRequest$$' -fuzztime $(FUZZTIME) ./internal/authz
 	$(GO) test -run '^$$' -fuzz '^FuzzAllowEncoding$$' -fuzztime $(FUZZTIME) ./internal/authz
 	$(GO) test -run '^$$' -fuzz '^FuzzCanonicalPath$$' -fuzztime $(FUZZTIME) ./internal/authz
+	$(GO) test -run '^$$' -fuzz '^FuzzParseRoutes$$' -fuzztime $(FUZZTIME) ./internal/authz
 
 .PHONY: bench
 bench: ## Go benchmarks with allocations, BENCHCOUNT runs each (compare with benchstat)

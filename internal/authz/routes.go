@@ -1,14 +1,8 @@
 package authz
 
 import (
-	"bytes"
-	"encoding/json"
-	"fmt"
 	"net"
-	"os"
 	"strings"
-
-	"github.com/extauthz/extauthz/internal/tokens"
 )
 
 // Routes maps host, path prefix and method to the scopes a request needs,
@@ -27,59 +21,6 @@ type Route struct {
 	Methods    []string `json:"methods"`     // empty: any
 	Scopes     []string `json:"scopes"`      // all required
 	Public     bool     `json:"public"`      // no credential needed
-}
-
-// LoadRoutes reads a routes file: {"routes": [Route...]}. Unknown fields
-// are errors, so a typo cannot silently open a path.
-func LoadRoutes(path string, o PathOptions) (*Routes, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	return ParseRoutes(b, o)
-}
-
-// ParseRoutes parses the routes file format. Prefixes and hosts are
-// stored in the form requests are compared in.
-func ParseRoutes(b []byte, o PathOptions) (*Routes, error) {
-	var f struct {
-		Routes []Route `json:"routes"`
-	}
-	dec := json.NewDecoder(bytes.NewReader(b))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
-		return nil, err
-	}
-	for i := range f.Routes {
-		r := &f.Routes[i]
-		switch {
-		case !strings.HasPrefix(r.PathPrefix, "/"):
-			return nil, fmt.Errorf("route %d: path_prefix must start with /", i+1)
-		case strings.ContainsAny(r.PathPrefix, ";?#"):
-			return nil, fmt.Errorf("route %d: path_prefix %q: a prefix is a path, without ';', '?' or '#'", i+1, r.PathPrefix)
-		case r.Public && len(r.Scopes) > 0:
-			return nil, fmt.Errorf("route %d: a public route cannot require scopes", i+1)
-		case strings.Contains(r.Host, "*") && !strings.HasPrefix(r.Host, "*.") || strings.Count(r.Host, "*") > 1:
-			return nil, fmt.Errorf("route %d: host wildcard must be a leading \"*.\" label", i+1)
-		}
-		if err := tokens.ValidateScopes(r.Scopes); err != nil {
-			return nil, fmt.Errorf("route %d: %w", i+1, err)
-		}
-		// Written by a person: a space is a space, not a malformed request.
-		p, err := CanonicalPath(strings.ReplaceAll(r.PathPrefix, " ", "%20"), o)
-		if err != nil {
-			return nil, fmt.Errorf("route %d: path_prefix %q: %w", i+1, r.PathPrefix, err)
-		}
-		if p != "/" {
-			p = strings.TrimSuffix(p, "/")
-		}
-		r.PathPrefix = p
-		r.Host = canonicalHost(r.Host)
-		for j, m := range r.Methods {
-			r.Methods[j] = strings.ToUpper(m)
-		}
-	}
-	return &Routes{rules: f.Routes}, nil
 }
 
 // Match returns the most specific rule for a request, or nil. path is a

@@ -370,9 +370,40 @@ func TestParseRoutesRejects(t *testing.T) {
 		"query":           `{"routes":[{"path_prefix":"/a?b"}]}`,
 		"encoded slash":   `{"routes":[{"path_prefix":"/a%2Fb"}]}`,
 		"bad escape":      `{"routes":[{"path_prefix":"/a%zz"}]}`,
+		// Typos that would have loaded and then matched nothing they name.
+		"method with space":  `{"routes":[{"path_prefix":"/admin","methods":["GET "],"scopes":["admin"]}]}`,
+		"empty method":       `{"routes":[{"path_prefix":"/admin","methods":[""],"scopes":["admin"]}]}`,
+		"star method":        `{"routes":[{"path_prefix":"/admin","methods":["*"],"scopes":["admin"]}]}`,
+		"host with scheme":   `{"routes":[{"host":"https://api.example.com","path_prefix":"/admin","scopes":["admin"]}]}`,
+		"host with path":     `{"routes":[{"host":"api.example.com/","path_prefix":"/admin","scopes":["admin"]}]}`,
+		"host with space":    `{"routes":[{"host":"api.example.com ","path_prefix":"/admin","scopes":["admin"]}]}`,
+		"host bad port":      `{"routes":[{"host":"api.example.com:https","path_prefix":"/admin","scopes":["admin"]}]}`,
+		"glob prefix":        `{"routes":[{"path_prefix":"/admin/*","scopes":["admin"]}]}`,
+		"glob prefix 2":      `{"routes":[{"path_prefix":"/admin*","scopes":["admin"]}]}`,
+		"duplicate key":      `{"routes":[{"path_prefix":"/admin","scopes":["admin"],"scopes":[]}]}`,
+		"duplicate routes":   `{"routes":[{"path_prefix":"/admin","scopes":["admin"]}],"routes":[]}`,
+		"trailing data":      `{"routes":[]} {"routes":[{"path_prefix":"/","public":true}]}`,
+		"same rule twice":    `{"routes":[{"path_prefix":"/admin","scopes":["admin"]},{"path_prefix":"/admin/","public":true}]}`,
+		"same rule, methods": `{"routes":[{"path_prefix":"/a","methods":["get","POST"],"scopes":["x"]},{"path_prefix":"/a","methods":["POST","GET"],"public":true}]}`,
 	} {
 		if _, err := ParseRoutes([]byte(body), PathOptions{}); err == nil {
 			t.Errorf("%s: accepted", name)
+		}
+	}
+}
+
+func TestParseRoutesAccepts(t *testing.T) {
+	t.Parallel()
+	for _, body := range []string{
+		`{"routes":[{"host":"api.example.com:8443","path_prefix":"/a"}]}`,
+		`{"routes":[{"host":"*.example.com.","path_prefix":"/a"}]}`,
+		`{"routes":[{"host":"10.0.0.1","path_prefix":"/a"}]}`,
+		`{"routes":[{"host":"[::1]:80","path_prefix":"/a"}]}`,
+		`{"routes":[{"path_prefix":"/a","methods":["GET"]},{"path_prefix":"/a","methods":["POST"]},{"host":"x.example","path_prefix":"/a"}]}`,
+		`{"routes":[]}` + "\n",
+	} {
+		if _, err := ParseRoutes([]byte(body), PathOptions{}); err != nil {
+			t.Errorf("%s: %v", body, err)
 		}
 	}
 }
