@@ -46,6 +46,7 @@ propagation: ## revocation propagation figures, failing any revocation slower th
 fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzExtract$$' -fuzztime $(FUZZTIME) ./internal/tokens
 	$(GO) test -run '^$$' -fuzz '^FuzzRedact$$' -fuzztime $(FUZZTIME) ./internal/tokens
+	$(GO) test -run '^$$' -fuzz '^FuzzSharedEntry$$' -fuzztime $(FUZZTIME) ./internal/tokens
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZTIME) ./internal/authz
 	$(GO) test -run '^$$' -fuzz '^FuzzWireRequest$$' -fuzztime $(FUZZTIME) ./internal/authz
 	$(GO) test -run '^$$' -fuzz '^FuzzAllowEncoding$$' -fuzztime $(FUZZTIME) ./internal/authz
