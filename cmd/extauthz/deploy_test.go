@@ -297,6 +297,21 @@ func TestComposeFile(t *testing.T) {
 	if err != nil {
 		t.Fatalf("extauthz environment: %v", err)
 	}
+	// The routes file it names is mounted from the repository, and loads.
+	if cfg.RoutesFile != "" {
+		mounted := false
+		for _, v := range ext.Volumes {
+			if src, dst, _ := strings.Cut(v, ":"); strings.TrimSuffix(dst, ":ro") == cfg.RoutesFile {
+				mounted = true
+				if _, err := authz.LoadRoutes(filepath.Join("..", "..", "envoy", src), cfg.pathOptions()); err != nil {
+					t.Errorf("routes file %s: %v", src, err)
+				}
+			}
+		}
+		if !mounted {
+			t.Errorf("EXTAUTHZ_ROUTES=%s is not mounted", cfg.RoutesFile)
+		}
+	}
 	if cfg.StoreKind() != "postgres" || cfg.RedisURL == "" {
 		t.Errorf("compose extauthz should use Postgres and Redis: %v", cfg)
 	}
