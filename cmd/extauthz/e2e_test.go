@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -244,4 +245,35 @@ func TestServeShutdownHealth(t *testing.T) {
 	if code := <-codec; code != 0 {
 		t.Fatalf("exit %d", code)
 	}
+}
+
+// Every HTTP server bounds each connection's request: a client trickling
+// a body it never finishes is cut off at the read timeout instead of
+// holding the connection (here 200 ms; the deadline below is what only a
+// missing timeout exceeds). The body is under net/http's 256 KiB, which
+// it reads to discard after the handler; a larger one it would not wait
+// for.
+func TestHTTPServersCutTrickledBodies(t *testing.T) {
+	t.Parallel()
+	srv := boundedHTTPServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) }), 200*time.Millisecond, time.Second)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	t.Cleanup(func() { srv.Close() })
+	conn, err := net.Dial("tcp", lis.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	io.WriteString(conn, "POST /check HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+	start := time.Now()
+	for time.Since(start) < 20*time.Second {
+		if _, err := conn.Write(make([]byte, 64)); err != nil {
+			return // the server closed the connection
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatal("a trickled body held the connection for 20 s")
 }

@@ -127,12 +127,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
-	httpSrv := &http.Server{
-		Handler:           health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)),
-		ReadHeaderTimeout: 5 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-	}
+	httpSrv := boundedHTTPServer(health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)), httpReadTimeout, 10*time.Second)
 	adminMux := http.NewServeMux()
 	adminMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	if cfg.Pprof {
@@ -145,7 +140,8 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		adminMux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	adminMux.Handle("/", health.HTTPHandler(nil))
-	adminSrv := &http.Server{Handler: adminMux, ReadHeaderTimeout: 5 * time.Second}
+	// Long enough to write a 30 s CPU profile.
+	adminSrv := boundedHTTPServer(adminMux, httpReadTimeout, time.Minute)
 
 	bgCtx, stopBG := context.WithCancel(context.WithoutCancel(ctx))
 	var bg sync.WaitGroup
@@ -236,6 +232,25 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	bg.Wait()
 	log.Info("stopped", zap.Uint64("usage_keys_written", usage.Written()), zap.Int("usage_keys_unwritten", usage.Pending()))
 	return runErr
+}
+
+// httpReadTimeout bounds the reading of a whole request, headers and body.
+const httpReadTimeout = 10 * time.Second
+
+// boundedHTTPServer is an HTTP server whose every connection is bounded:
+// headers in 5 s (at most) and 64 KiB, the whole request (a body trickled
+// in included: the handlers never read one, and net/http discards it
+// after them) in read, the response in write, idle connections in 2
+// minutes.
+func boundedHTTPServer(h http.Handler, read, write time.Duration) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: min(5*time.Second, read),
+		ReadTimeout:       read,
+		WriteTimeout:      write,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
 }
 
 // closeBounded closes the store but does not wait on it for long: after a
