@@ -36,7 +36,7 @@ CADDY_VERSION ?= v2.10.2
 .PHONY: e2e-caddy
 e2e-caddy: ## build Caddy from the Go module proxy and run the forward_auth end-to-end test with it
 	GOBIN=$(CURDIR)/bin $(GO) install github.com/caddyserver/caddy/v2/cmd/caddy@$(CADDY_VERSION)
-	EXTAUTHZ_TEST_CADDY=$(CURDIR)/bin/caddy $(GO) test -count=1 -run '^TestCaddyForwardAuth$$' -v ./cmd/extauthz
+	EXTAUTHZ_TEST_CADDY=$(CURDIR)/bin/caddy $(GO) test -count=1 -run '^(TestCaddyForwardAuth|TestForwardAuthAddressWithTrailingSlash)$$' -v ./cmd/extauthz
 
 .PHONY: propagation
 propagation: ## revocation propagation figures, failing any revocation slower than a second (run on a quiet machine)
