@@ -42,6 +42,10 @@ type Config struct {
 	// KeepEncodedSlashes treats %2F in a path as data instead of a
 	// malformed path.
 	KeepEncodedSlashes bool
+	// MaxRequestBytes bounds one gRPC message; MaxHeaders the header lines
+	// of one check.
+	MaxRequestBytes int
+	MaxHeaders      int
 
 	CacheSize       int
 	CacheTTL        time.Duration
@@ -71,6 +75,8 @@ func defaultConfig() Config {
 		HTTPAddr:          ":8080",
 		AdminAddr:         ":9090",
 		HTTPPrefix:        "/check",
+		MaxRequestBytes:   256 << 10,
+		MaxHeaders:        authz.DefaultMaxHeaders,
 		CredentialSources: tokens.DefaultSources,
 		StripCredential:   true,
 		GRPCCodec:         "lean",
@@ -264,6 +270,8 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			c.HTTPPrefix = p
 		}
 	}
+	count("MAX_REQUEST_BYTES", &c.MaxRequestBytes, 16<<10, "a number of bytes, at least 16384")
+	count("MAX_HEADERS", &c.MaxHeaders, 16, "a number of header lines, at least 16")
 	if v, ok := get("FORWARDED_HEADERS"); ok {
 		if f, err := authz.ParseForwardedHeaders(v); err != nil {
 			bad("FORWARDED_HEADERS", "%v", err)
@@ -382,7 +390,7 @@ var known = map[string]bool{
 	"MAX_STALE": true, "STORE_TIMEOUT": true, "SHUTDOWN_DELAY": true, "SHUTDOWN_TIMEOUT": true,
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
 	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true, "GC_HEADROOM_MB": true,
-	"FORWARDED_HEADERS": true, "ENCODED_SLASHES": true,
+	"FORWARDED_HEADERS": true, "ENCODED_SLASHES": true, "MAX_REQUEST_BYTES": true, "MAX_HEADERS": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

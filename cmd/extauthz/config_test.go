@@ -63,6 +63,8 @@ func TestConfigAllSettings(t *testing.T) {
 		"EXTAUTHZ_PPROF":              "true",
 		"EXTAUTHZ_GRPC_CODEC":         "proto",
 		"EXTAUTHZ_GC_HEADROOM_MB":     "0",
+		"EXTAUTHZ_MAX_REQUEST_BYTES":  "65536",
+		"EXTAUTHZ_MAX_HEADERS":        "120",
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -76,7 +78,7 @@ func TestConfigAllSettings(t *testing.T) {
 		CacheSize: 500, CacheTTL: time.Minute, NegativeTTL: 5 * time.Second, MaxStale: 0,
 		StoreTimeout: 50 * time.Millisecond, ShutdownDelay: 3 * time.Second, ShutdownTimeout: 10 * time.Second,
 		LogLevel: zapcore.DebugLevel, UsageInterval: 30 * time.Second, UsageMaxPending: 10, Pprof: true,
-		GRPCCodec: "proto", GCHeadroomMB: 0,
+		GRPCCodec: "proto", GCHeadroomMB: 0, MaxRequestBytes: 65536, MaxHeaders: 120,
 	}
 	if d := cmp.Diff(want, c); d != "" {
 		t.Fatalf("(-want +got):\n%s", d)
@@ -112,6 +114,8 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_PPROF":              "sometimes",
 		"EXTAUTHZ_GRPC_CODEC":         "fast",
 		"EXTAUTHZ_GC_HEADROOM_MB":     "-1",
+		"EXTAUTHZ_MAX_REQUEST_BYTES":  "1k",
+		"EXTAUTHZ_MAX_HEADERS":        "3",
 		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
 	}
 	// Each alone fails, naming its setting.

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -13,8 +14,10 @@ import (
 
 	authv3 "github.com/envoyproxy/go-control-plane/envoy/service/auth/v3"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 )
 
 // syncBuffer is a log sink safe for the server's goroutines.
@@ -276,4 +279,31 @@ func TestHTTPServersCutTrickledBodies(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Fatal("a trickled body held the connection for 20 s")
+}
+
+// The served limits: a message over EXTAUTHZ_MAX_REQUEST_BYTES or with more
+// header lines than EXTAUTHZ_MAX_HEADERS is refused (RESOURCE_EXHAUSTED)
+// without being decided; under both it is decided as usual.
+func TestServeRequestLimits(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_MAX_REQUEST_BYTES": "32768", "EXTAUTHZ_MAX_HEADERS": "40"}}
+	cred := c.ok("", "keys", "create", "--tenant", "acme")[0]["credential"].(string)
+	client, _ := startServer(t, c).client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ok := map[string]string{"authorization": "Bearer " + cred, "x-big": strings.Repeat("a", 16<<10)}
+	if r, err := client.Check(ctx, checkReq(ok)); err != nil || r.GetStatus().GetCode() != 0 {
+		t.Fatalf("under the limits: %v %v", r.GetStatus(), err)
+	}
+	big := map[string]string{"authorization": "Bearer " + cred, "x-big": strings.Repeat("a", 40<<10)}
+	if _, err := client.Check(ctx, checkReq(big)); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("40 KiB header, 32 KiB limit: %v, want RESOURCE_EXHAUSTED", err)
+	}
+	many := map[string]string{"authorization": "Bearer " + cred}
+	for i := range 40 {
+		many[fmt.Sprintf("x-h%d", i)] = "v"
+	}
+	if _, err := client.Check(ctx, checkReq(many)); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("44 headers, limit 40: %v, want RESOURCE_EXHAUSTED", err)
+	}
 }

@@ -97,6 +97,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		Observer:        observer,
 		Usage:           usage,
 		ProtoCodec:      cfg.GRPCCodec == "proto",
+		MaxHeaders:      cfg.MaxHeaders,
 	})
 	health := authz.NewHealth()
 
@@ -124,6 +125,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		// 14% of the server's CPU under load (docs/BENCHMARKS.md). Streams
 		// beyond the pool still get their own goroutine.
 		grpc.NumStreamWorkers(streamWorkers),
+		// A message over it is refused by gRPC (RESOURCE_EXHAUSTED) before
+		// it is decoded: at most this much is held per check in flight.
+		grpc.MaxRecvMsgSize(cfg.MaxRequestBytes),
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)

@@ -58,15 +58,19 @@ var leanAuthorizationDesc = grpc.ServiceDesc{
 var wireRequests = sync.Pool{New: func() any { return new(wireRequest) }}
 
 func leanCheckHandler(srv any, ctx context.Context, dec func(any) error, interceptor grpc.UnaryServerInterceptor) (any, error) {
+	s := srv.(*GRPC).svc
 	w := wireRequests.Get().(*wireRequest)
 	defer func() {
 		w.reset()
 		wireRequests.Put(w)
 	}()
+	w.maxHeaders = s.opts.MaxHeaders
 	if err := dec(w); err != nil {
 		return nil, err
 	}
-	s := srv.(*GRPC).svc
+	if w.tooMany {
+		return nil, tooManyHeaders(s.opts.MaxHeaders)
+	}
 	if interceptor == nil {
 		return s.checkWire(ctx, w)
 	}

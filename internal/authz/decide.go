@@ -178,6 +178,10 @@ type Options struct {
 	// ProtoCodec serves gRPC with the stock protobuf codec instead of the
 	// lean decoder and encoder: slower, kept to compare and as a fallback.
 	ProtoCodec bool
+	// MaxHeaders bounds the header lines of one check
+	// (EXTAUTHZ_MAX_HEADERS); past it the check is refused before any
+	// work. 0: DefaultMaxHeaders.
+	MaxHeaders int
 }
 
 // Usage records that a key was used at a time; *tokens.UsageRecorder is
@@ -196,8 +200,15 @@ type Service struct {
 	denies [numReasons]prebuilt
 }
 
+// DefaultMaxHeaders is well above what Envoy forwards by default (100
+// request headers, plus its own).
+const DefaultMaxHeaders = 256
+
 // NewService builds a Service.
 func NewService(a Authenticator, o Options) *Service {
+	if o.MaxHeaders <= 0 {
+		o.MaxHeaders = DefaultMaxHeaders
+	}
 	if o.Extractor == nil {
 		o.Extractor = tokens.NewExtractor(tokens.DefaultSources)
 	}

@@ -65,6 +65,10 @@ func (g *GRPC) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.Chec
 // (an unset one would be an allow to Envoy), and every denial a
 // denied_response with its HTTP status (a bare code would be a 403).
 func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.CheckResponse, error) {
+	h := in.GetAttributes().GetRequest().GetHttp()
+	if len(h.GetHeaders())+len(h.GetHeaderMap().GetHeaders()) > s.opts.MaxHeaders {
+		return nil, tooManyHeaders(s.opts.MaxHeaders)
+	}
 	req := checkRequest(in)
 	d, err := s.decideRPC(ctx, &req)
 	if err != nil {
@@ -77,6 +81,14 @@ func (s *Service) Check(ctx context.Context, in *authv3.CheckRequest) (*authv3.C
 		return s.public.resp, nil
 	}
 	return s.denial(&d).resp, nil
+}
+
+// tooManyHeaders refuses a check over the header limit. It is an RPC
+// error, as gRPC's own refusal of a message over its size limit is: Envoy
+// then answers with status_on_error (503 in the shipped configs), or lets
+// it through under failure_mode_allow.
+func tooManyHeaders(limit int) error {
+	return status.Errorf(codes.ResourceExhausted, "check request has more than %d headers (EXTAUTHZ_MAX_HEADERS)", limit)
 }
 
 // decideRPC decides a check; the error is the gRPC status of an outage.

@@ -90,6 +90,11 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 			http.NotFound(w, r)
 			return
 		}
+		if headerLines(r.Header) > s.opts.MaxHeaders {
+			// As net/http answers headers over their size limit.
+			http.Error(w, "too many headers (EXTAUTHZ_MAX_HEADERS)", http.StatusRequestHeaderFieldsTooLarge)
+			return
+		}
 		req := Request{
 			HasHTTP: true,
 			Header: tokens.HeaderFunc(func(name string) (string, bool) {
@@ -132,6 +137,15 @@ func forwardedOriginal(h http.Header) bool {
 		}
 	}
 	return false
+}
+
+// headerLines counts the header lines of a request.
+func headerLines(h http.Header) int {
+	n := 0
+	for _, vs := range h {
+		n += len(vs)
+	}
+	return n
 }
 
 // single returns a header sent exactly once, not empty.

@@ -39,6 +39,8 @@ const (
 var (
 	errWireMalformed = errors.New("malformed CheckRequest")
 	errWireUTF8      = errors.New("CheckRequest string field is not valid UTF-8")
+	// errWireTooManyHeaders stops decoding; unmarshal turns it into tooMany.
+	errWireTooManyHeaders = errors.New("CheckRequest has too many headers")
 )
 
 // wireHeader is one header line, as read-only views into wireRequest.buf.
@@ -59,6 +61,10 @@ type wireRequest struct {
 	scopes  string       // context_extensions["scopes"]
 	headers []wireHeader // the headers map, in wire order; the last of a name wins
 	lines   []wireHeader // header_map, in order
+	// maxHeaders bounds headers + lines; decoding stops past it and
+	// tooMany is set (the check is then refused).
+	maxHeaders int
+	tooMany    bool
 }
 
 // reset empties w for reuse. The old views are cleared too, so that a
@@ -76,7 +82,7 @@ func (w *wireRequest) reset() {
 	if cap(lines) > maxPooledHeaders {
 		lines = nil
 	}
-	*w = wireRequest{headers: headers, lines: lines}
+	*w = wireRequest{headers: headers, lines: lines, maxHeaders: w.maxHeaders}
 }
 
 // maxPooledHeaders is the most header slots a pooled request keeps:
@@ -89,14 +95,31 @@ const maxPooledHeaders = 256
 // field with an unexpected wire type is skipped, as the stock decoder keeps
 // it as an unknown field. Skipped fields are checked for wire structure
 // only; the strings read are checked for UTF-8, as proto3 requires.
+//
+// Past maxHeaders header lines it stops at once, with tooMany set and no
+// error: the work done is bounded by the limit, not by the message.
 func (w *wireRequest) unmarshal(b []byte) error {
 	w.buf = b
-	return eachField(b, func(num protowire.Number, v []byte) error {
+	err := eachField(b, func(num protowire.Number, v []byte) error {
 		if num == fieldCheckAttributes {
 			return w.attributes(v)
 		}
 		return nil
 	})
+	if errors.Is(err, errWireTooManyHeaders) {
+		w.tooMany = true
+		return nil
+	}
+	return err
+}
+
+// addHeader appends a header line to dst, or fails past maxHeaders.
+func (w *wireRequest) addHeader(dst *[]wireHeader, h wireHeader) error {
+	if w.maxHeaders > 0 && len(w.headers)+len(w.lines) >= w.maxHeaders {
+		return errWireTooManyHeaders
+	}
+	*dst = append(*dst, h)
+	return nil
 }
 
 func (w *wireRequest) attributes(b []byte) error {
@@ -134,7 +157,7 @@ func (w *wireRequest) http(b []byte) error {
 		case fieldHTTPHeaders:
 			var h wireHeader
 			if h.key, h.value, err = mapEntry(v); err == nil {
-				w.headers = append(w.headers, h)
+				err = w.addHeader(&w.headers, h)
 			}
 		case fieldHTTPHeaderMap:
 			err = eachField(v, func(num protowire.Number, v []byte) error {
@@ -143,7 +166,7 @@ func (w *wireRequest) http(b []byte) error {
 				}
 				h, err := headerValue(v)
 				if err == nil {
-					w.lines = append(w.lines, h)
+					err = w.addHeader(&w.lines, h)
 				}
 				return err
 			})
