@@ -224,7 +224,8 @@ func TestCLIUsageErrors(t *testing.T) {
 	c.fails(2, "--tenant is required", "", "keys", "create")
 	c.fails(2, "flag provided but not defined", "", "keys", "create", "--tenant", "a", "--colour", "red")
 	c.fails(2, "--kind", "", "keys", "create", "--tenant", "a", "--kind", "jwt")
-	c.fails(2, "invalid value", "", "keys", "create", "--tenant", "a", "--ttl", "30d")
+	c.fails(2, "want a positive number of days (30d) or a duration", "", "keys", "create", "--tenant", "a", "--ttl", "1 week")
+	c.fails(2, "want a positive number of days", "", "keys", "create", "--tenant", "a", "--ttl", "-5d")
 	c.fails(2, "tenant", "", "keys", "create", "--tenant", "white space")
 	c.fails(2, "scope", "", "keys", "create", "--tenant", "a", "--scopes", "a b")
 	c.fails(2, "give a key ID or --tenant", "", "keys", "revoke")
@@ -278,4 +279,75 @@ func TestServeRefusesBadFilesBeforeLogging(t *testing.T) {
 			c.fails(1, tc.want, "", "serve") // one line on stderr: the error, no log line before it
 		})
 	}
+}
+
+// The CLI explains itself: keys help and every subcommand's --help print
+// to stdout and exit 0, without opening a store; --ttl takes days; show
+// and identify find a key, identify only from stdin.
+func TestKeysHelpShowIdentify(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir()}}
+	for _, args := range [][]string{{"keys", "help"}, {"keys", "--help"}, {"keys", "-h"}} {
+		code, out, _ := c.run("", args...)
+		if code != 0 || !strings.Contains(out, "identify") || !strings.Contains(out, "create --tenant") {
+			t.Errorf("%v: exit %d, stdout %q", args, code, out)
+		}
+	}
+	for sub, flagName := range map[string]string{"create": "-ttl", "list": "-tenant", "revoke": "-tenant", "show": "usage: extauthz keys show", "identify": "stdin", "delete": "keys delete", "import": "keys import"} {
+		code, out, errOut := c.run("", "keys", sub, "--help")
+		if code != 0 || !strings.Contains(out, flagName) || errOut != "" {
+			t.Errorf("keys %s --help: exit %d, stdout %q, stderr %q", sub, code, out, errOut)
+		}
+	}
+	k := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read", "--ttl", "30d")[0]
+	exp, _ := time.Parse(time.RFC3339, k["expires_at"].(string))
+	if d := time.Until(exp); d < 29*24*time.Hour || d > 31*24*time.Hour {
+		t.Errorf("--ttl 30d: expires in %v", d)
+	}
+	tok := c.ok("", "keys", "create", "--tenant", "beta", "--kind", "token")[0]
+
+	shown := c.ok("", "keys", "show", k["id"].(string))
+	if len(shown) != 1 || shown[0]["id"] != k["id"] || shown[0]["status"] != "active" || shown[0]["public_key"] != k["public_key"] {
+		t.Errorf("show: %v", shown)
+	}
+	if _, ok := shown[0]["secret_key"]; ok {
+		t.Error("show printed a secret")
+	}
+	c.fails(1, "no key", "", "keys", "show", "00000000-0000-4000-8000-000000000000")
+	c.fails(2, "want one key id", "", "keys", "show")
+
+	for _, tc := range []struct{ cred, id string }{{k["credential"].(string), k["id"].(string)}, {tok["credential"].(string), tok["id"].(string)}} {
+		got := c.ok(tc.cred+"\n", "keys", "identify")
+		if len(got) != 1 || got[0]["id"] != tc.id {
+			t.Errorf("identify: %v, want key %s", got, tc.id)
+		}
+	}
+	// A wrong secret for a known public key is no match, and says nothing more.
+	other := c.ok("", "keys", "create", "--tenant", "acme")[0]
+	c.fails(1, "no key matches", k["public_key"].(string)+":"+other["secret_key"].(string)+"\n", "keys", "identify")
+	// Revoked keys are identified, with their status.
+	c.ok("", "keys", "revoke", k["id"].(string))
+	if got := c.ok(k["credential"].(string), "keys", "identify"); got[0]["status"] != "revoked" {
+		t.Errorf("identify a revoked key: %v", got)
+	}
+	// Never from the command line, and never echoed.
+	code, out, errOut := c.run("", "keys", "identify", k["credential"].(string))
+	if code != 2 || out != "" || !strings.Contains(errOut, "stdin") || strings.Contains(errOut, "sk_") {
+		t.Errorf("identify with an argument: exit %d, stdout %q, stderr %q", code, out, errOut)
+	}
+	c.fails(2, "no credential on stdin", "", "keys", "identify")
+	c.fails(2, "not a credential", "not a credential at all\n", "keys", "identify")
+}
+
+// migrate touches no key, so it needs no pepper; serve and keys on the
+// same store still refuse to run without one (a generated pepper would
+// differ per replica).
+func TestMigrateNeedsNoPepper(t *testing.T) {
+	t.Parallel()
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_STORE": testsvc.NewDatabase(t)}}
+	if out := c.ok("", "migrate"); out[0]["schema_version"].(float64) < 1 {
+		t.Fatalf("migrate: %v", out)
+	}
+	c.fails(1, "EXTAUTHZ_HMAC_SECRETS", "", "keys", "list")
+	c.fails(1, "EXTAUTHZ_HMAC_SECRETS", "", "serve")
 }

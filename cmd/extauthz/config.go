@@ -152,6 +152,12 @@ func (c Config) GoString() string { return c.String() }
 // loadConfig reads the environment through lookup and reports every
 // problem at once, each naming its setting.
 func loadConfig(lookup func(string) (string, bool)) (Config, error) {
+	return loadConfigWith(lookup, true)
+}
+
+// loadConfigWith is loadConfig for a command that may not need peppers
+// (migrate touches no key).
+func loadConfigWith(lookup func(string) (string, bool), peppersRequired bool) (Config, error) {
 	c := defaultConfig()
 	var errs []error
 	get := func(name string) (string, bool) {
@@ -239,7 +245,7 @@ func loadConfig(lookup func(string) (string, bool)) (Config, error) {
 			bad("HMAC_SECRETS", "%v", err)
 		}
 		c.Peppers = ps
-	} else if c.Store != "" {
+	} else if c.Store != "" && peppersRequired {
 		bad("HMAC_SECRETS", "required when EXTAUTHZ_STORE is set (id:secret[,id:secret...], secrets of 32+ bytes)")
 	}
 

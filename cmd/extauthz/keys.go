@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -22,14 +23,30 @@ import (
 // keys dispatches the keys subcommands.
 func keys(ctx context.Context, cfg Config, args []string, e *env) error {
 	if len(args) == 0 {
-		return usagef("keys needs a subcommand: create, list, revoke, delete or import")
+		return usagef("keys needs a subcommand: create, list, show, identify, revoke, delete or import (extauthz keys help)")
 	}
 	sub, args := args[0], args[1:]
+	switch sub {
+	case "help", "-h", "--help":
+		fmt.Fprint(e.stdout, keysUsage)
+		return nil
+	}
 	run, ok := map[string]func(context.Context, *keysCmd, []string) error{
-		"create": keysCreate, "list": keysList, "revoke": keysRevoke, "delete": keysDelete, "import": keysImport,
+		"create": keysCreate, "list": keysList, "show": keysShow, "identify": keysIdentify,
+		"revoke": keysRevoke, "delete": keysDelete, "import": keysImport,
 	}[sub]
 	if !ok {
-		return usagef("unknown keys subcommand %s (want create, list, revoke, delete or import)", quoted(sub))
+		return usagef("unknown keys subcommand %s (want create, list, show, identify, revoke, delete or import)", quoted(sub))
+	}
+	// Help needs no store: answered before one is opened.
+	if slices.Contains(args, "-h") || slices.Contains(args, "-help") || slices.Contains(args, "--help") {
+		err := run(ctx, &keysCmd{env: e}, args)
+		var help helpRequest
+		if errors.As(err, &help) {
+			fmt.Fprint(e.stdout, help.text)
+			return nil
+		}
+		return err
 	}
 	log := newLogger(zapcore.WarnLevel, e.stderr)
 	h, err := newHasher(&cfg)
@@ -88,11 +105,50 @@ func (c *keysCmd) notify(ctx context.Context, ids []string) {
 	}
 }
 
+// keysUsage is `extauthz keys help`.
+const keysUsage = `usage: extauthz keys <command> [flags]
+
+commands:
+  create --tenant T [--name N] [--scopes a,b] [--ttl 30d] [--kind pair|token]
+                        make a key; prints it once, with its secret, as JSON
+  list [--tenant T]     every key (revoked ones too), one JSON object a line; never a secret
+  show ID               one key, as list prints it
+  identify              which key a credential is: reads the credential from stdin, never
+                        from the command line (shell history), and verifies its secret
+  revoke ID | revoke --tenant T
+                        revoke a key, or every key of a tenant, on every replica within a second
+  delete ID             delete a key
+  import                JSON lines {"token","tenant_id","scopes","name"[,"expires_at"]} on stdin;
+                        all or nothing
+
+extauthz keys <command> --help lists a command's flags.
+`
+
+// keysSynopsis is the first line of a subcommand's help.
+var keysSynopsis = map[string]string{
+	"create": "extauthz keys create --tenant T [flags]", "list": "extauthz keys list [--tenant T]",
+	"show": "extauthz keys show ID", "identify": "extauthz keys identify < file (the credential on stdin, never as an argument)",
+	"revoke": "extauthz keys revoke ID | extauthz keys revoke --tenant T", "delete": "extauthz keys delete ID",
+	"import": "extauthz keys import < tokens.jsonl",
+}
+
+// helpRequest is a subcommand's --help: its text, printed on stdout.
+type helpRequest struct{ text string }
+
+func (h helpRequest) Error() string { return "help requested" }
+
 // parseFlags parses a subcommand's flags quietly: errors become one line,
-// and positional arguments may only come after flags.
+// and positional arguments may only come after flags. --help returns a
+// helpRequest with the flags' descriptions.
 func parseFlags(fs *flag.FlagSet, args []string, maxPositional int) ([]string, error) {
 	fs.SetOutput(io.Discard)
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(args); errors.Is(err, flag.ErrHelp) {
+		var b strings.Builder
+		b.WriteString("usage: " + keysSynopsis[fs.Name()] + "\n")
+		fs.SetOutput(&b)
+		fs.PrintDefaults()
+		return nil, helpRequest{b.String()}
+	} else if err != nil {
 		return nil, usagef("keys %s: %s", fs.Name(), tokens.Redact(err.Error(), 200))
 	}
 	rest := fs.Args()
@@ -140,7 +196,8 @@ func keysCreate(ctx context.Context, c *keysCmd, args []string) error {
 	tenant := fs.String("tenant", "", "tenant id (required)")
 	name := fs.String("name", "", "a name for people")
 	scopes := fs.String("scopes", "", "comma-separated scopes")
-	ttl := fs.Duration("ttl", 0, "lifetime, e.g. 720h (default: never expires)")
+	var ttl lifetime
+	fs.Var(&ttl, "ttl", "lifetime: a number of days (30d) or a duration (720h, 90m); default: never expires")
 	kind := fs.String("kind", "pair", "pair or token")
 	if _, err := parseFlags(fs, args, 0); err != nil {
 		return err
@@ -152,11 +209,9 @@ func keysCreate(ctx context.Context, c *keysCmd, args []string) error {
 	if err != nil {
 		return usagef("keys create: --kind: %v", err)
 	}
-	if *ttl < 0 {
-		return usagef("keys create: --ttl must not be negative")
-	}
+
 	is, err := c.hasher.Issue(tokens.IssueParams{
-		Tenant: *tenant, Name: *name, Kind: k, Scopes: tokens.SplitList(*scopes), TTL: *ttl, Now: c.now(),
+		Tenant: *tenant, Name: *name, Kind: k, Scopes: tokens.SplitList(*scopes), TTL: time.Duration(ttl), Now: c.now(),
 	})
 	if err != nil {
 		return usagef("keys create: %v", err)
@@ -187,20 +242,50 @@ func keysList(ctx context.Context, c *keysCmd, args []string) error {
 	}
 	now := c.now()
 	for _, k := range ks {
-		out := map[string]any{
-			"id": k.ID, "tenant_id": k.TenantID, "name": k.Name, "kind": k.Kind.String(),
-			"scopes": scopesOrEmpty(k.Scopes), "status": k.Status(now),
-			"created_at": rfc3339OrNil(k.CreatedAt), "expires_at": rfc3339OrNil(k.ExpiresAt),
-			"last_used_at": rfc3339OrNil(k.LastUsedAt), "request_count": k.RequestCount,
-		}
-		if k.Kind == tokens.KindPair {
-			out["public_key"] = k.PublicKey
-		}
-		if err := writeJSON(c.env.stdout, out); err != nil {
+		if err := writeJSON(c.env.stdout, keyJSON(k, now)); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// lifetime is --ttl: a Go duration, or whole days ("30d"), which
+// time.ParseDuration does not take.
+type lifetime time.Duration
+
+func (l *lifetime) String() string { return time.Duration(*l).String() }
+
+func (l *lifetime) Set(s string) error {
+	var d time.Duration
+	var err error
+	if days, ok := strings.CutSuffix(s, "d"); ok {
+		var n int
+		if n, err = strconv.Atoi(days); err == nil && n <= 100*365 {
+			d = time.Duration(n) * 24 * time.Hour
+		}
+	} else {
+		d, err = time.ParseDuration(s)
+	}
+	if err != nil || d <= 0 || d > 100*365*24*time.Hour {
+		return fmt.Errorf("%q: want a positive number of days (30d) or a duration (720h, 90m)", s)
+	}
+	*l = lifetime(d)
+	return nil
+}
+
+// keyJSON is a key as list, show and identify print it: never a secret or
+// a digest.
+func keyJSON(k *tokens.Key, now time.Time) map[string]any {
+	out := map[string]any{
+		"id": k.ID, "tenant_id": k.TenantID, "name": k.Name, "kind": k.Kind.String(),
+		"scopes": scopesOrEmpty(k.Scopes), "status": k.Status(now),
+		"created_at": rfc3339OrNil(k.CreatedAt), "expires_at": rfc3339OrNil(k.ExpiresAt),
+		"last_used_at": rfc3339OrNil(k.LastUsedAt), "request_count": k.RequestCount,
+	}
+	if k.Kind == tokens.KindPair {
+		out["public_key"] = k.PublicKey
+	}
+	return out
 }
 
 func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {

@@ -61,14 +61,17 @@ const usage = `usage: extauthz [command]
 
 commands:
   serve                 run the authorization server (default)
-  migrate               create or upgrade the Postgres schema (idempotent)
-  keys create --tenant T [--name N] [--scopes a,b] [--ttl 720h] [--kind pair|token]
+  migrate               create or upgrade the Postgres schema (idempotent; needs no pepper)
+  keys create --tenant T [--name N] [--scopes a,b] [--ttl 30d] [--kind pair|token]
   keys list [--tenant T]
+  keys show ID
+  keys identify         which key a credential (read from stdin) is
   keys revoke ID | keys revoke --tenant T
   keys delete ID
   keys import           JSON lines on stdin: {"token","tenant_id","scopes","name"}
   version
 
+extauthz keys help, and extauthz keys <command> --help, list the flags.
 Configuration is read from EXTAUTHZ_* environment variables; see README.md.
 `
 
@@ -100,7 +103,7 @@ func run(ctx context.Context, args []string, e *env) error {
 		fmt.Fprintln(e.stdout, version)
 		return nil
 	}
-	cfg, err := loadConfig(e.lookup)
+	cfg, err := loadConfigWith(e.lookup, cmd != "migrate")
 	if err != nil {
 		return fmt.Errorf("invalid configuration: %w", err)
 	}
@@ -144,6 +147,11 @@ func openStore(ctx context.Context, cfg *Config, log *zap.Logger) (tokens.Store,
 func peppers(cfg *Config) ([]tokens.Pepper, error) {
 	if len(cfg.Peppers) > 0 {
 		return cfg.Peppers, nil
+	}
+	if !cfg.Embedded() {
+		// A generated pepper would differ per replica: only the embedded
+		// default makes one (loadConfig refuses a store without peppers).
+		return nil, errors.New("EXTAUTHZ_HMAC_SECRETS: required when EXTAUTHZ_STORE is set")
 	}
 	path := filepath.Join(cfg.DataDir, "pepper")
 	b, err := os.ReadFile(path)

@@ -22,6 +22,8 @@ type Store interface {
 	// List returns the keys of a tenant ("" for all), revoked ones
 	// included, oldest first.
 	List(ctx context.Context, tenant string) ([]*Key, error)
+	// KeyByID returns a key, revoked or not; ErrNotFound for an unknown id.
+	KeyByID(ctx context.Context, id string) (*Key, error)
 	// Revoke marks a key revoked at at; ErrNotFound for an unknown id.
 	// Revoking a revoked key keeps its first revocation time.
 	Revoke(ctx context.Context, id string, at time.Time) error

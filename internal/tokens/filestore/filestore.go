@@ -160,6 +160,19 @@ func (s *Store) KeyByPublic(_ context.Context, pk string) (*tokens.Key, error) {
 	return nil, tokens.ErrNotFound
 }
 
+// KeyByID implements tokens.Store.
+func (s *Store) KeyByID(ctx context.Context, id string) (*tokens.Key, error) {
+	if err := s.Ping(ctx); err != nil {
+		return nil, err
+	}
+	for _, k := range s.snap.Load().keys {
+		if k.ID == id {
+			return clone(k), nil
+		}
+	}
+	return nil, tokens.ErrNotFound
+}
+
 // KeyByDigest implements tokens.Finder.
 func (s *Store) KeyByDigest(_ context.Context, ds []tokens.Digest) (*tokens.Key, error) {
 	sn := s.current()

@@ -128,6 +128,15 @@ func (s *Store) KeyByPublic(ctx context.Context, pk string) (*tokens.Key, error)
 	return scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE public_key = $1`, pk))
 }
 
+// KeyByID implements tokens.Store.
+func (s *Store) KeyByID(ctx context.Context, id string) (*tokens.Key, error) {
+	k, err := scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE id = $1`, id))
+	if err != nil && !errors.Is(err, tokens.ErrNotFound) {
+		return nil, mapErr(err)
+	}
+	return k, err
+}
+
 // KeyByDigest implements tokens.Finder.
 func (s *Store) KeyByDigest(ctx context.Context, ds []tokens.Digest) (*tokens.Key, error) {
 	arg := make([][]byte, len(ds))

@@ -188,6 +188,15 @@ func testListRevokeDelete(t *testing.T, open Opener) {
 	if err := s.Revoke(ctx, "00000000-0000-4000-8000-000000000000", at); !errors.Is(err, tokens.ErrNotFound) {
 		t.Errorf("revoke unknown: err = %v, want ErrNotFound", err)
 	}
+	// KeyByID finds revoked keys too; an unknown or malformed id is ErrNotFound.
+	if got, err := s.KeyByID(ctx, made[0].ID); err != nil || got.ID != made[0].ID || !got.RevokedAt.Equal(at) || got.TenantID != "a" {
+		t.Errorf("KeyByID = %+v, %v", got, err)
+	}
+	for _, id := range []string{"00000000-0000-4000-8000-000000000000", "not-a-uuid", ""} {
+		if _, err := s.KeyByID(ctx, id); !errors.Is(err, tokens.ErrNotFound) {
+			t.Errorf("KeyByID(%q): err = %v, want ErrNotFound", id, err)
+		}
+	}
 	if err := s.Delete(ctx, made[1].ID); err != nil {
 		t.Fatal(err)
 	}
