@@ -18,6 +18,16 @@ help: ## list the targets
 build: ## build a static binary into bin/extauthz
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/extauthz
 
+IMAGE ?= extauthz:$(VERSION)
+
+.PHONY: image
+image: ## build the container image IMAGE (needs Docker; default extauthz:<git describe>)
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+.PHONY: image-push
+image-push: image ## build and push IMAGE, e.g. make image-push IMAGE=registry.example.com/extauthz:v1.2.0
+	docker push $(IMAGE)
+
 .PHONY: run
 run: build ## run the server on the embedded default (file store and pepper in ./.extauthz)
 	./$(BIN) serve

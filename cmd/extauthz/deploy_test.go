@@ -352,6 +352,10 @@ func TestDockerfile(t *testing.T) {
 	if n := strings.Count(d, "\nFROM "); n != 2 {
 		t.Errorf("%d stages, want 2 (build, then the binary alone)", n)
 	}
+	// The license the image's label names is the repository's.
+	if !strings.Contains(d, `org.opencontainers.image.licenses="Apache-2.0"`) || !strings.Contains(string(repoFile(t, "LICENSE")), "Apache License\n                           Version 2.0") {
+		t.Error("the image's licenses label and LICENSE disagree")
+	}
 	for _, p := range []string{defaultConfig().GRPCAddr, defaultConfig().HTTPAddr, defaultConfig().AdminAddr} {
 		if !strings.Contains(d, "EXPOSE") || !strings.Contains(d, portOf(t, p)) {
 			t.Errorf("Dockerfile does not expose %s", p)

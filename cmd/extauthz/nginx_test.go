@@ -52,6 +52,7 @@ http {
       proxy_set_header X-Api-Key-Scopes $scopes;
       proxy_set_header Authorization    "";
       proxy_set_header X-Api-Key        "";
+      proxy_set_header Host             $host;         # the app sees the host the client asked for
       proxy_pass http://{{upstream}};
     }
 
