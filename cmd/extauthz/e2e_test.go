@@ -176,6 +176,7 @@ func TestServeEndToEnd(t *testing.T) {
 				`extauthz_checks_total{reason="allowed",result="allow"}`, `extauthz_checks_total{reason="revoked",result="deny"}`,
 				`extauthz_cache_lookups_total{result="hit"}`, "extauthz_check_duration_seconds_bucket", "extauthz_store_lookups_total",
 				"extauthz_singleflight_shared_total", "extauthz_cache_invalidations_total",
+				`extauthz_build_info{goversion="go`,
 			} {
 				if !strings.Contains(metrics, want) {
 					t.Errorf("metrics lack %s", want)
