@@ -124,7 +124,9 @@ func runNginx(t *testing.T, conf string, replace ...string) string {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(bin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", path)
-	var out strings.Builder
+	// The process writes from exec's copying goroutines while
+	// waitListening may read: a locked buffer.
+	var out syncBuffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
