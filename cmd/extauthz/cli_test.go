@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+
 	"github.com/extauthz/extauthz/internal/testsvc"
 )
 
@@ -350,4 +352,27 @@ func TestMigrateNeedsNoPepper(t *testing.T) {
 	}
 	c.fails(1, "EXTAUTHZ_HMAC_SECRETS", "", "keys", "list")
 	c.fails(1, "EXTAUTHZ_HMAC_SECRETS", "", "serve")
+}
+
+// A key made with a pepper the server does not hold is denied like a
+// wrong secret, and the mistake shows: counted in a metric and logged
+// (at most once an interval) with the pepper's id.
+func TestUnknownPepperIsVisible(t *testing.T) {
+	t.Parallel()
+	store := "file:" + t.TempDir() + "/keys.json"
+	maker := &cli{t: t, env: map[string]string{"EXTAUTHZ_STORE": store, "EXTAUTHZ_HMAC_SECRETS": "old:" + pepper32}}
+	cred := maker.ok("", "keys", "create", "--tenant", "acme")[0]["credential"].(string)
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_STORE": store, "EXTAUTHZ_HMAC_SECRETS": "new:" + strings.Repeat("n", 32)}}
+	srv := startServer(t, c)
+	client, _ := srv.client(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	r, err := client.Check(ctx, checkReq(map[string]string{"authorization": "Bearer " + cred}))
+	if err != nil || r.GetStatus().GetCode() != int32(codes.Unauthenticated) {
+		t.Fatalf("key of an unknown pepper: %v %v, want a 401 deny", r.GetStatus(), err)
+	}
+	_, metrics := httpGet(t, "http://"+srv.addrs.Admin+"/metrics")
+	if !strings.Contains(metrics, "extauthz_unknown_pepper_total 1") {
+		t.Errorf("extauthz_unknown_pepper_total is not 1")
+	}
 }

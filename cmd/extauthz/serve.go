@@ -86,6 +86,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		busRejected = bus.Rejected
 	}
 	reg, observer, lag := newMetrics(auth, usage, busRejected)
+	registerUnknownPepper(reg, hasher)
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,
@@ -189,6 +190,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		})
 	}
 	bg.Go(func() { watchReadiness(bgCtx, store, health, log) })
+	bg.Go(func() { watchUnknownPepper(bgCtx, hasher, 10*time.Second, log) })
 	// Its final write happens when bgCtx ends: after the drain, so that
 	// every check that finished is counted.
 	bg.Go(func() { usage.Run(bgCtx, cfg.ShutdownTimeout) })

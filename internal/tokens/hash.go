@@ -8,6 +8,7 @@ import (
 	"hash"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"unsafe"
 )
 
@@ -55,6 +56,12 @@ func ParsePeppers(s string) ([]Pepper, error) {
 type Hasher struct {
 	peppers []Pepper
 	pools   []sync.Pool
+	// unknownUses counts verifications of stored keys made with a pepper
+	// this hasher does not hold; lastUnknown is that pepper's id. Such a
+	// key is denied like a wrong secret, so without these the mistake
+	// (a pepper missing from EXTAUTHZ_HMAC_SECRETS) would be invisible.
+	unknownUses atomic.Uint64
+	lastUnknown atomic.Pointer[string]
 }
 
 type hmacState struct {
@@ -119,7 +126,21 @@ func (h *Hasher) Verify(id, s string, want []byte) bool {
 	known := i >= 0
 	if !known {
 		i = 0
+		if id != "" { // "" is the dummy verification of an unknown key
+			h.unknownUses.Add(1)
+			h.lastUnknown.Store(&id)
+		}
 	}
 	d := h.digestWith(i, s)
 	return hmac.Equal(d[:], want) && known
+}
+
+// UnknownPepper reports how many stored keys were presented that were made
+// with a pepper this hasher does not hold, and the id of the last such
+// pepper (from the key store, never from a request).
+func (h *Hasher) UnknownPepper() (uses uint64, lastID string) {
+	if p := h.lastUnknown.Load(); p != nil {
+		lastID = *p
+	}
+	return h.unknownUses.Load(), lastID
 }
