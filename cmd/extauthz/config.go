@@ -59,6 +59,9 @@ type Config struct {
 
 	LogLevel zapcore.Level
 	Pprof    bool // /debug/pprof/ on the admin address
+	// GRPCReflection serves gRPC server reflection (grpcurl) on the gRPC
+	// address; off by default.
+	GRPCReflection bool
 	// GRPCCodec is "lean" (the default) or "proto", the stock decoder.
 	GRPCCodec string
 	// GCHeadroomMB is the allocation kept between garbage collections
@@ -314,6 +317,7 @@ func loadConfigWith(lookup func(string) (string, bool), peppersRequired bool) (C
 		c.CredentialSources = srcs
 	}
 	boolean("PPROF", &c.Pprof)
+	boolean("GRPC_REFLECTION", &c.GRPCReflection)
 	count("GC_HEADROOM_MB", &c.GCHeadroomMB, 0, "a number of megabytes (0: off)")
 	if v, ok := get("GRPC_CODEC"); ok {
 		switch v {
@@ -397,6 +401,7 @@ var known = map[string]bool{
 	"LOG_LEVEL": true, "REDIS_URL": true, "REDIS_MODE": true, "REDIS_PREFIX": true,
 	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true, "GC_HEADROOM_MB": true,
 	"FORWARDED_HEADERS": true, "ENCODED_SLASHES": true, "MAX_REQUEST_BYTES": true, "MAX_HEADERS": true,
+	"GRPC_REFLECTION": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

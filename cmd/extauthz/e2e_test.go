@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	reflectionpb "google.golang.org/grpc/reflection/grpc_reflection_v1"
 	"google.golang.org/grpc/status"
 )
 
@@ -306,5 +308,47 @@ func TestServeRequestLimits(t *testing.T) {
 	}
 	if _, err := client.Check(ctx, checkReq(many)); status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("44 headers, limit 40: %v, want RESOURCE_EXHAUSTED", err)
+	}
+}
+
+// gRPC reflection is opt-in (EXTAUTHZ_GRPC_REFLECTION): off, the
+// reflection service is unimplemented; on, it lists the Authorization and
+// health services.
+func TestGRPCReflection(t *testing.T) {
+	t.Parallel()
+	for _, on := range []bool{false, true} {
+		c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_GRPC_REFLECTION": fmt.Sprint(on)}}
+		srv := startServer(t, c)
+		conn, err := grpc.NewClient(srv.addrs.GRPC, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		stream, err := reflectionpb.NewServerReflectionClient(conn).ServerReflectionInfo(ctx)
+		if err == nil {
+			err = stream.Send(&reflectionpb.ServerReflectionRequest{MessageRequest: &reflectionpb.ServerReflectionRequest_ListServices{}})
+		}
+		var resp *reflectionpb.ServerReflectionResponse
+		if err == nil {
+			resp, err = stream.Recv()
+		}
+		if !on {
+			if status.Code(err) != codes.Unimplemented {
+				t.Errorf("reflection off: %v, want UNIMPLEMENTED", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("reflection on: %v", err)
+		}
+		var names []string
+		for _, s := range resp.GetListServicesResponse().GetService() {
+			names = append(names, s.GetName())
+		}
+		if !slices.Contains(names, "envoy.service.auth.v3.Authorization") || !slices.Contains(names, "grpc.health.v1.Health") {
+			t.Errorf("reflection lists %v", names)
+		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
 
 	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
@@ -132,6 +133,11 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
+	if cfg.GRPCReflection {
+		// For grpcurl and friends: it lists the services and their
+		// messages, nothing a client of Check does not already know.
+		reflection.Register(grpcSrv)
+	}
 	httpSrv := boundedHTTPServer(health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)), httpReadTimeout, 10*time.Second)
 	adminMux := http.NewServeMux()
 	adminMux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
