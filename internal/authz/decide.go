@@ -148,7 +148,10 @@ type Request struct {
 	Host    string
 	Path    string // as sent, query included; judged in canonical form
 	Scopes  string // comma-separated scopes from the route's context_extensions
-	ID      string // request id, for logs; "": the x-request-id header
+	// Source is the client's address as the caller reports it (Envoy's
+	// attributes.source, the HTTP peer): for logs.
+	Source string
+	ID     string // request id, for logs; "": the x-request-id header
 }
 
 // Decision is the outcome of a check.
@@ -406,6 +409,10 @@ func (s *Service) logDecision(req *Request, d *Decision, err error, elapsed time
 	}
 	if id != "" {
 		fields = append(fields, zap.String("request_id", tokens.Redact(id, maxLoggedRequestID)))
+	}
+	if req.Source != "" {
+		// An address is short, but the field is the caller's to fill.
+		fields = append(fields, zap.String("client_address", tokens.Redact(req.Source, maxLoggedRequestID)))
 	}
 	if err != nil {
 		fields = append(fields, zap.Error(err))

@@ -124,6 +124,7 @@ func checkRequest(in *authv3.CheckRequest) Request {
 		Host:    h.GetHost(),
 		Path:    h.GetPath(),
 		Scopes:  attrs.GetContextExtensions()["scopes"],
+		Source:  attrs.GetSource().GetAddress().GetSocketAddress().GetAddress(),
 	}
 	// header_map (encode_raw_headers, proxyless gRPC) wins when present.
 	if hm := h.GetHeaderMap(); hm != nil && len(hm.GetHeaders()) > 0 {

@@ -107,6 +107,9 @@ func (s *Service) HTTPHandler(prefix string) http.Handler {
 				return strings.Join(vs, ","), true
 			}),
 			ID: r.Header.Get("x-request-id"),
+			// The calling proxy's address: forwarded-for headers are the
+			// client's to forge unless the proxy sets them.
+			Source: hostOnly(r.RemoteAddr),
 		}
 		if rest == "" || rest[0] == '?' {
 			m, okM := single(r.Header, mName)

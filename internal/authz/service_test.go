@@ -570,3 +570,25 @@ func TestRoutesKeepEncodedSlashes(t *testing.T) {
 		t.Errorf("/public/a%%2Fb: both readings public, got %v", r.GetStatus())
 	}
 }
+
+// A denial's log names the client's address as the caller reports it,
+// read the same by both decoders.
+func TestDenialLogNamesClientAddress(t *testing.T) {
+	t.Parallel()
+	for _, stock := range []bool{false, true} {
+		core, logs := observer.New(zap.InfoLevel)
+		e := newEnv(t, Options{Logger: zap.New(core), ProtoCodec: stock})
+		client := authv3.NewAuthorizationClient(serve(t, e.svc, NewHealth()))
+		r := httpReq(nil)
+		r.Attributes.Source = &authv3.AttributeContext_Peer{Address: &corev3.Address{Address: &corev3.Address_SocketAddress{
+			SocketAddress: &corev3.SocketAddress{Address: "203.0.113.7", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 4711}},
+		}}}
+		if _, err := client.Check(ctx(t), r); err != nil {
+			t.Fatal(err)
+		}
+		entries := logs.FilterMessage("denied").All()
+		if len(entries) != 1 || entries[0].ContextMap()["client_address"] != "203.0.113.7" {
+			t.Errorf("stock=%v: denial log %v, want client_address 203.0.113.7", stock, entries)
+		}
+	}
+}

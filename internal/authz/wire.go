@@ -18,10 +18,17 @@ import (
 const (
 	fieldCheckAttributes = 1 // CheckRequest.attributes
 
+	fieldAttrSource     = 1  // AttributeContext.source (Peer)
 	fieldAttrRequest    = 4  // AttributeContext.request
 	fieldAttrExtensions = 10 // AttributeContext.context_extensions (map)
 
 	fieldRequestHTTP = 2 // AttributeContext.Request.http
+
+	fieldPeerAddress          = 1 // Peer.address (core.Address)
+	fieldAddressSocket        = 1 // Address.socket_address (a oneof with the next two)
+	fieldAddressPipe          = 2 // Address.pipe
+	fieldAddressInternal      = 3 // Address.envoy_internal_address
+	fieldSocketAddressAddress = 2 // SocketAddress.address
 
 	fieldHTTPMethod    = 2  // HttpRequest.method
 	fieldHTTPHeaders   = 3  // HttpRequest.headers (map)
@@ -58,9 +65,13 @@ type wireRequest struct {
 	method  string
 	host    string
 	path    string
-	scopes  string       // context_extensions["scopes"]
-	headers []wireHeader // the headers map, in wire order; the last of a name wins
-	lines   []wireHeader // header_map, in order
+	scopes  string // context_extensions["scopes"]
+	source  string // attributes.source.address.socket_address.address
+	// sourceSocket: the last member of source's Address oneof was a socket
+	// address (merge rules, see sourceAddress).
+	sourceSocket bool
+	headers      []wireHeader // the headers map, in wire order; the last of a name wins
+	lines        []wireHeader // header_map, in order
 	// maxHeaders bounds headers + lines; decoding stops past it and
 	// tooMany is set (the check is then refused).
 	maxHeaders int
@@ -139,8 +150,42 @@ func (w *wireRequest) attributes(b []byte) error {
 				w.scopes = val
 			}
 			return err
+		case fieldAttrSource:
+			return w.sourceAddress(v)
 		}
 		return nil
+	})
+}
+
+// sourceAddress reads Peer.address.socket_address.address with the stock
+// decoder's merge rules: repeated messages merge and the last address wins,
+// but another member of Address's oneof (pipe, envoy_internal_address)
+// replaces the socket address, and a socket address after it starts anew.
+func (w *wireRequest) sourceAddress(peer []byte) error {
+	return eachField(peer, func(num protowire.Number, v []byte) error {
+		if num != fieldPeerAddress {
+			return nil
+		}
+		return eachField(v, func(num protowire.Number, v []byte) error {
+			switch num {
+			case fieldAddressSocket:
+			case fieldAddressPipe, fieldAddressInternal:
+				w.source, w.sourceSocket = "", false
+				return nil
+			default:
+				return nil
+			}
+			if !w.sourceSocket {
+				w.source, w.sourceSocket = "", true
+			}
+			return eachField(v, func(num protowire.Number, v []byte) error {
+				var err error
+				if num == fieldSocketAddressAddress {
+					w.source, err = str(v)
+				}
+				return err
+			})
+		})
 	})
 }
 
@@ -284,6 +329,7 @@ func (w *wireRequest) request() Request {
 		Host:    w.host,
 		Path:    w.path,
 		Scopes:  w.scopes,
+		Source:  w.source,
 		Header:  w,
 	}
 	req.fillFromHeaders()

@@ -18,7 +18,9 @@ func wireSeeds(t testing.TB) [][]byte {
 		"x-forwarded-for": "10.0.0.1", "x-ext-authz": "allow",
 	})
 	bench.Attributes.ContextExtensions = map[string]string{"virtual_host": "api", "scopes": "read, write"}
-	bench.Attributes.Source = &authv3.AttributeContext_Peer{Principal: "spiffe://a/b", Labels: map[string]string{"k": "v"}}
+	bench.Attributes.Source = &authv3.AttributeContext_Peer{Principal: "spiffe://a/b", Labels: map[string]string{"k": "v"},
+		Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{
+			Address: "10.1.0.10", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 40000}}}}}
 	raw := rawReq([2]string{"authorization", "Bearer x"}, [2]string{"x-api-key", "a"}, [2]string{"x-api-key", "b"})
 	raw.Attributes.Request.Http.HeaderMap.Headers = append(raw.Attributes.Request.Http.HeaderMap.Headers,
 		&corev3.HeaderValue{Key: "x-api-key", Value: "c"},
@@ -73,7 +75,7 @@ func FuzzWireRequest(f *testing.F) {
 		}
 		want, got := checkRequest(&stock), w.request()
 		if want.HasHTTP != got.HasHTTP || want.Method != got.Method || want.Host != got.Host ||
-			want.Path != got.Path || want.Scopes != got.Scopes || want.ID != got.ID {
+			want.Path != got.Path || want.Scopes != got.Scopes || want.ID != got.ID || want.Source != got.Source {
 			t.Fatalf("request differs:\nstock %+v\nlean  %+v", fields(want), fields(got))
 		}
 		if !want.HasHTTP {
