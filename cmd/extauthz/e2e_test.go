@@ -7,6 +7,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -350,5 +352,68 @@ func TestGRPCReflection(t *testing.T) {
 		if !slices.Contains(names, "envoy.service.auth.v3.Authorization") || !slices.Contains(names, "grpc.health.v1.Health") {
 			t.Errorf("reflection lists %v", names)
 		}
+	}
+}
+
+// The routes file is reloaded when it changes, without a restart; a
+// version that does not parse keeps the rules in force and is logged.
+func TestRoutesReloadOnChange(t *testing.T) {
+	t.Parallel()
+	routes := filepath.Join(t.TempDir(), "routes.json")
+	write := func(body string) {
+		t.Helper()
+		// As a ConfigMap update does: a new file moved into place.
+		tmp := routes + ".tmp"
+		if err := os.WriteFile(tmp, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, routes); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(`{"routes":[{"path_prefix":"/admin","scopes":["admin"]}]}`)
+	c := &cli{t: t, env: map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(), "EXTAUTHZ_ROUTES": routes}}
+	cred := c.ok("", "keys", "create", "--tenant", "acme", "--scopes", "read")[0]["credential"].(string)
+	srv := startServer(t, c)
+	code := func() int {
+		return httpStatus(t, "http://"+srv.addrs.HTTP+"/check/admin/users", map[string]string{"authorization": "Bearer " + cred})
+	}
+	if got := code(); got != 403 {
+		t.Fatalf("before the change: %d, want 403", got)
+	}
+	write(`{"routes":[{"path_prefix":"/admin","scopes":["read"]}]}`)
+	// Polled every second; 10 s is what only a reload that never comes exceeds.
+	within(t, 10*time.Second, "the changed routes file in force", func() bool { return code() == 200 })
+	write(`{"routes":[{"path_prefix":"/admin","scopes":["admin"]},]}`) // a trailing comma
+	within(t, 10*time.Second, "the invalid file logged", func() bool { return strings.Contains(srv.log.String(), "routes file invalid") })
+	if got := code(); got != 200 {
+		t.Errorf("after an invalid file: %d, want the rules in force (200)", got)
+	}
+}
+
+// httpStatus sends a GET with headers and returns the status.
+func httpStatus(t *testing.T, url string, h map[string]string) int {
+	t.Helper()
+	req, _ := http.NewRequest("GET", url, nil)
+	for k, v := range h {
+		req.Header.Set(k, v)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// within polls cond until it holds, failing after d.
+func within(t *testing.T, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: not within %v", what, d)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

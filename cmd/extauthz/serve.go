@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"os"
 	"sync"
 	"time"
 
@@ -37,8 +38,12 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		return err
 	}
 	var routes *authz.Routes
+	var routesFile []byte // as loaded, for watchRoutes to compare
 	if cfg.RoutesFile != "" {
-		if routes, err = authz.LoadRoutes(cfg.RoutesFile, cfg.pathOptions()); err != nil {
+		if routesFile, err = os.ReadFile(cfg.RoutesFile); err == nil {
+			routes, err = authz.ParseRoutes(routesFile, cfg.pathOptions())
+		}
+		if err != nil {
 			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
 		}
 	}
@@ -196,6 +201,11 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		})
 	}
 	bg.Go(func() { watchReadiness(bgCtx, store, health, log) })
+	if cfg.RoutesFile != "" {
+		bg.Go(func() {
+			watchRoutes(bgCtx, cfg.RoutesFile, routesFile, cfg.pathOptions(), svc, time.Second, log.Named("routes"))
+		})
+	}
 	bg.Go(func() { watchUnknownPepper(bgCtx, hasher, 10*time.Second, log) })
 	// Its final write happens when bgCtx ends: after the drain, so that
 	// every check that finished is counted.

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -167,7 +168,7 @@ type Decision struct {
 // Options configure a Service.
 type Options struct {
 	Extractor *tokens.Extractor
-	Routes    *Routes // nil: no route rules
+	Routes    *Routes // nil: no route rules; Service.SetRoutes replaces them
 	Paths     PathOptions
 	// Forwarded is the header family a forward-auth proxy's original
 	// request is read from (EXTAUTHZ_FORWARDED_HEADERS); the other family
@@ -198,6 +199,9 @@ type Service struct {
 	auth Authenticator
 	opts Options
 	log  *zap.Logger
+	// routes are the route rules in force: Options.Routes, then whatever
+	// SetRoutes installs (a reloaded file).
+	routes atomic.Pointer[Routes]
 	// public and denies are prebuilt, read-only responses.
 	public prebuilt
 	denies [numReasons]prebuilt
@@ -222,9 +226,14 @@ func NewService(a Authenticator, o Options) *Service {
 		o.Logger = zap.NewNop()
 	}
 	s := &Service{auth: a, opts: o, log: o.Logger}
+	s.routes.Store(o.Routes)
 	s.buildResponses()
 	return s
 }
+
+// SetRoutes puts new route rules in force for the checks that start after
+// it (nil: none). Checks in flight finish under the rules they started with.
+func (s *Service) SetRoutes(r *Routes) { s.routes.Store(r) }
 
 // Decide runs one check, and records its outcome and latency (observer,
 // log) whichever protocol carried it. The error is non-nil only when no
@@ -312,11 +321,12 @@ func (s *Service) decide(ctx context.Context, req *Request, now time.Time) (Deci
 // %2F in the path, also the rule of the path with %2F read as "/", which
 // is what an upstream that decodes it acts on. Both must be satisfied.
 func (s *Service) rulesFor(req *Request, path string) (rules [2]*Route, n int) {
-	rules[0] = s.opts.Routes.Match(req.Host, req.Method, path)
+	routes := s.routes.Load()
+	rules[0] = routes.Match(req.Host, req.Method, path)
 	if !s.opts.Paths.KeepEncodedSlashes || !strings.Contains(path, "%2F") {
 		return rules, 1
 	}
-	rules[1] = s.opts.Routes.Match(req.Host, req.Method, strings.ReplaceAll(path, "%2F", "/"))
+	rules[1] = routes.Match(req.Host, req.Method, strings.ReplaceAll(path, "%2F", "/"))
 	return rules, 2
 }
 

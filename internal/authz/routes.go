@@ -23,6 +23,14 @@ type Route struct {
 	Public     bool     `json:"public"`      // no credential needed
 }
 
+// Len is the number of rules.
+func (rs *Routes) Len() int {
+	if rs == nil {
+		return 0
+	}
+	return len(rs.rules)
+}
+
 // Match returns the most specific rule for a request, or nil. path is a
 // canonical path (CanonicalPath); host an authority as sent.
 func (rs *Routes) Match(host, method, path string) *Route {
