@@ -272,13 +272,7 @@ func TestServeRefusesBadFilesBeforeLogging(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			env := map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(),
-				"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0"}
-			for k, v := range tc.env {
-				env[k] = v
-			}
-			c := &cli{t: t, env: env}
-			c.fails(1, tc.want, "", "serve") // one line on stderr: the error, no log line before it
+			loopbackCLI(t, tc.env).fails(1, tc.want, "", "serve") // one line on stderr: the error, no log line before it
 		})
 	}
 }
@@ -375,4 +369,15 @@ func TestUnknownPepperIsVisible(t *testing.T) {
 	if !strings.Contains(metrics, "extauthz_unknown_pepper_total 1") {
 		t.Errorf("extauthz_unknown_pepper_total is not 1")
 	}
+}
+
+// loopbackCLI is a cli on the embedded default in a fresh data directory,
+// serving on loopback ports, with extra settings on top.
+func loopbackCLI(t *testing.T, extra map[string]string) *cli {
+	env := map[string]string{"EXTAUTHZ_DATA_DIR": t.TempDir(),
+		"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0"}
+	for k, v := range extra {
+		env[k] = v
+	}
+	return &cli{t: t, env: env}
 }

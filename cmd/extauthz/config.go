@@ -27,10 +27,20 @@ type Config struct {
 	RedisMode   string // single, sentinel or cluster
 	RedisPrefix string
 
+	// Each address is host:port or unix:<path> (listen.go).
 	GRPCAddr   string
 	HTTPAddr   string
 	AdminAddr  string
 	HTTPPrefix string
+	// HealthAddr, when set, serves gRPC health alone, in plaintext, for
+	// probes that cannot speak (m)TLS (Kubernetes); "" = off.
+	HealthAddr string
+
+	// TLS on the gRPC and HTTP listeners (tls.go): a certificate and key,
+	// and with a client CA, mTLS. All empty = plaintext.
+	TLSCertFile     string
+	TLSKeyFile      string
+	TLSClientCAFile string
 
 	CredentialSources []string
 	StripCredential   bool
@@ -107,6 +117,9 @@ func (c *Config) pathOptions() authz.PathOptions {
 	return authz.PathOptions{KeepEncodedSlashes: c.KeepEncodedSlashes}
 }
 
+// TLS reports whether the check listeners serve TLS.
+func (c *Config) TLS() bool { return c.TLSCertFile != "" }
+
 // StoreKind is "postgres" or "file".
 func (c *Config) StoreKind() string {
 	if strings.HasPrefix(c.Store, "postgres://") || strings.HasPrefix(c.Store, "postgresql://") {
@@ -145,8 +158,8 @@ func (c Config) String() string {
 	for i, p := range c.Peppers {
 		ids[i] = p.ID
 	}
-	return fmt.Sprintf("Config{store=%s redis=%s peppers=%v grpc=%s http=%s admin=%s}",
-		c.StoreDescription(), c.RedisDescription(), ids, c.GRPCAddr, c.HTTPAddr, c.AdminAddr)
+	return fmt.Sprintf("Config{store=%s redis=%s peppers=%v grpc=%s http=%s admin=%s tls=%v}",
+		c.StoreDescription(), c.RedisDescription(), ids, c.GRPCAddr, c.HTTPAddr, c.AdminAddr, c.TLS())
 }
 
 // GoString keeps %#v from dumping the peppers.
@@ -222,8 +235,13 @@ func loadConfigWith(lookup func(string) (string, bool), peppersRequired bool) (C
 		if !ok {
 			return
 		}
-		if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
-			bad(name, "%q is not host:port (e.g. :9001)", v)
+		if path, ok := strings.CutPrefix(v, "unix:"); ok {
+			if !filepath.IsAbs(path) || strings.HasSuffix(path, "/") {
+				bad(name, "%q: a Unix socket needs an absolute file path (unix:/run/extauthz/grpc.sock)", v)
+				return
+			}
+		} else if _, port, err := net.SplitHostPort(v); err != nil || port == "" {
+			bad(name, "%q is not host:port (e.g. :9001) or unix:/path.sock", v)
 			return
 		}
 		*dst = v
@@ -272,6 +290,30 @@ func loadConfigWith(lookup func(string) (string, bool), peppersRequired bool) (C
 	addr("GRPC_ADDR", &c.GRPCAddr)
 	addr("HTTP_ADDR", &c.HTTPAddr)
 	addr("ADMIN_ADDR", &c.AdminAddr)
+	addr("HEALTH_ADDR", &c.HealthAddr)
+	// Two listeners on one address fail at start anyway; a Unix socket
+	// would be silently replaced by the second, so say so now.
+	seen := map[string]string{}
+	for _, a := range []struct{ name, v string }{{"GRPC_ADDR", c.GRPCAddr}, {"HTTP_ADDR", c.HTTPAddr}, {"ADMIN_ADDR", c.AdminAddr}, {"HEALTH_ADDR", c.HealthAddr}} {
+		if strings.HasPrefix(a.v, "unix:") {
+			if other, dup := seen[a.v]; dup {
+				bad(a.name, "%q is also EXTAUTHZ_%s", a.v, other)
+			}
+			seen[a.v] = a.name
+		}
+	}
+	str("TLS_CERT_FILE", &c.TLSCertFile)
+	str("TLS_KEY_FILE", &c.TLSKeyFile)
+	str("TLS_CLIENT_CA_FILE", &c.TLSClientCAFile)
+	switch {
+	case c.TLSCertFile != "" && c.TLSKeyFile == "":
+		bad("TLS_KEY_FILE", "required when EXTAUTHZ_TLS_CERT_FILE is set")
+	case c.TLSKeyFile != "" && c.TLSCertFile == "":
+		bad("TLS_CERT_FILE", "required when EXTAUTHZ_TLS_KEY_FILE is set")
+	}
+	if c.TLSClientCAFile != "" && (c.TLSCertFile == "" || c.TLSKeyFile == "") {
+		bad("TLS_CLIENT_CA_FILE", "client certificates (mTLS) need TLS: set EXTAUTHZ_TLS_CERT_FILE and EXTAUTHZ_TLS_KEY_FILE too")
+	}
 	if v, ok := get("HTTP_PREFIX"); ok {
 		if p, err := httpPrefix(v); err != nil {
 			bad("HTTP_PREFIX", "%v", err)
@@ -402,6 +444,8 @@ var known = map[string]bool{
 	"USAGE_INTERVAL": true, "USAGE_MAX_PENDING": true, "PPROF": true, "GRPC_CODEC": true, "GC_HEADROOM_MB": true,
 	"FORWARDED_HEADERS": true, "ENCODED_SLASHES": true, "MAX_REQUEST_BYTES": true, "MAX_HEADERS": true,
 	"GRPC_REFLECTION": true,
+	"HEALTH_ADDR":     true,
+	"TLS_CERT_FILE":   true, "TLS_KEY_FILE": true, "TLS_CLIENT_CA_FILE": true,
 }
 
 // unknownSettings returns EXTAUTHZ_* names in environ that are not settings.

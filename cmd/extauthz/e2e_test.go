@@ -46,11 +46,17 @@ type server struct {
 // startServer runs `extauthz serve` in process on loopback ports.
 func startServer(t *testing.T, c *cli) *server {
 	t.Helper()
+	return startServerEnv(t, c.env)
+}
+
+// startServerEnv is startServer for benchmarks too.
+func startServerEnv(t testing.TB, cenv map[string]string) *server {
+	t.Helper()
 	envm := map[string]string{
 		"EXTAUTHZ_GRPC_ADDR": "127.0.0.1:0", "EXTAUTHZ_HTTP_ADDR": "127.0.0.1:0", "EXTAUTHZ_ADMIN_ADDR": "127.0.0.1:0",
 		"EXTAUTHZ_LOG_LEVEL": "debug", "EXTAUTHZ_USAGE_INTERVAL": "1h",
 	}
-	for k, v := range c.env {
+	for k, v := range cenv {
 		envm[k] = v
 	}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -2,20 +2,26 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 
 	"github.com/extauthz/extauthz/internal/authz"
 	"github.com/extauthz/extauthz/internal/tokens"
@@ -23,7 +29,7 @@ import (
 	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
-type boundAddrs struct{ GRPC, HTTP, Admin string }
+type boundAddrs struct{ GRPC, HTTP, Admin, Health string }
 
 // streamWorkers is the gRPC worker pool size: enough for the concurrency
 // one Envoy connection typically carries; each idle worker holds a stack.
@@ -45,6 +51,48 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		}
 		if err != nil {
 			return fmt.Errorf("EXTAUTHZ_ROUTES: %s: %w", cfg.RoutesFile, err)
+		}
+	}
+	var certs *certReloader
+	if cfg.TLS() {
+		if certs, err = newCertReloader(certFiles{cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile}); err != nil {
+			return err
+		}
+	}
+
+	// Bind everything first, so that a busy port (or a path that is not
+	// a socket) fails the start with nothing but its error. Each listener
+	// is closed by its server; this closes those that never served, and
+	// removes their socket files.
+	var bound []net.Listener
+	defer func() {
+		for _, l := range bound {
+			l.Close()
+		}
+	}()
+	bind := func(setting, addr string) (net.Listener, error) {
+		l, err := listen(ctx, setting, addr)
+		if err == nil {
+			bound = append(bound, l)
+		}
+		return l, err
+	}
+	grpcLis, err := bind("EXTAUTHZ_GRPC_ADDR", cfg.GRPCAddr)
+	if err != nil {
+		return err
+	}
+	httpLis, err := bind("EXTAUTHZ_HTTP_ADDR", cfg.HTTPAddr)
+	if err != nil {
+		return err
+	}
+	adminLis, err := bind("EXTAUTHZ_ADMIN_ADDR", cfg.AdminAddr)
+	if err != nil {
+		return err
+	}
+	var healthLis net.Listener
+	if cfg.HealthAddr != "" {
+		if healthLis, err = bind("EXTAUTHZ_HEALTH_ADDR", cfg.HealthAddr); err != nil {
+			return err
 		}
 	}
 
@@ -108,25 +156,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	})
 	health := authz.NewHealth()
 
-	// Bind everything first, so that a busy port fails at start.
-	var lc net.ListenConfig
-	grpcLis, err := lc.Listen(ctx, "tcp", cfg.GRPCAddr)
-	if err != nil {
-		return fmt.Errorf("EXTAUTHZ_GRPC_ADDR: %w", err)
-	}
-	httpLis, err := lc.Listen(ctx, "tcp", cfg.HTTPAddr)
-	if err != nil {
-		grpcLis.Close()
-		return fmt.Errorf("EXTAUTHZ_HTTP_ADDR: %w", err)
-	}
-	adminLis, err := lc.Listen(ctx, "tcp", cfg.AdminAddr)
-	if err != nil {
-		grpcLis.Close()
-		httpLis.Close()
-		return fmt.Errorf("EXTAUTHZ_ADMIN_ADDR: %w", err)
-	}
-
-	grpcSrv := authz.NewGRPCServer(svc, health,
+	grpcOpts := []grpc.ServerOption{
 		// Long-lived workers instead of a goroutine per RPC: a fresh
 		// goroutine outgrew its first stack on every check and the copy cost
 		// 14% of the server's CPU under load (docs/BENCHMARKS.md). Streams
@@ -137,11 +167,25 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		grpc.MaxRecvMsgSize(cfg.MaxRequestBytes),
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-	)
+	}
+	var checkLis net.Listener = authz.HTTPListener(httpLis)
+	if certs != nil {
+		grpcOpts = append(grpcOpts, grpc.Creds(credentials.NewTLS(certs.serverConfig("h2"))))
+		// TLS inside the wrapper: it must see the plaintext net/http writes.
+		checkLis = authz.HTTPListener(tls.NewListener(httpLis, certs.serverConfig("http/1.1")))
+	}
+	grpcSrv := authz.NewGRPCServer(svc, health, grpcOpts...)
 	if cfg.GRPCReflection {
 		// For grpcurl and friends: it lists the services and their
 		// messages, nothing a client of Check does not already know.
 		reflection.Register(grpcSrv)
+	}
+	// The probe port: gRPC health and nothing else, in plaintext, for
+	// callers that cannot present a certificate (the kubelet). Every other
+	// method is refused before its request is read.
+	var healthSrv *grpc.Server
+	if healthLis != nil {
+		healthSrv = authz.NewGRPCServer(svc, health, grpc.InTapHandle(healthOnly))
 	}
 	httpSrv := boundedHTTPServer(health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)), httpReadTimeout, 10*time.Second)
 	adminMux := http.NewServeMux()
@@ -161,16 +205,24 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 
 	bgCtx, stopBG := context.WithCancel(context.WithoutCancel(ctx))
 	var bg sync.WaitGroup
-	errc := make(chan error, 3)
-	bg.Go(func() {
-		if err := grpcSrv.Serve(grpcLis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-			errc <- fmt.Errorf("grpc: %w", err)
+	errc := make(chan error, 4)
+	for _, s := range []struct {
+		srv *grpc.Server
+		lis net.Listener
+	}{{grpcSrv, grpcLis}, {healthSrv, healthLis}} {
+		if s.srv == nil {
+			continue
 		}
-	})
+		bg.Go(func() {
+			if err := s.srv.Serve(s.lis); err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+				errc <- fmt.Errorf("grpc %s: %w", s.lis.Addr(), err)
+			}
+		})
+	}
 	for _, s := range []struct {
 		srv *http.Server
 		lis net.Listener
-	}{{httpSrv, authz.HTTPListener(httpLis)}, {adminSrv, adminLis}} {
+	}{{httpSrv, checkLis}, {adminSrv, adminLis}} {
 		bg.Go(func() {
 			if err := s.srv.Serve(s.lis); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				errc <- fmt.Errorf("http %s: %w", s.lis.Addr(), err)
@@ -207,6 +259,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		})
 	}
 	bg.Go(func() { watchUnknownPepper(bgCtx, hasher, 10*time.Second, log) })
+	if certs != nil {
+		bg.Go(func() { certs.watch(bgCtx, time.Second, log.Named("tls")) })
+	}
 	// Its final write happens when bgCtx ends: after the drain, so that
 	// every check that finished is counted.
 	bg.Go(func() { usage.Run(bgCtx, cfg.ShutdownTimeout) })
@@ -214,13 +269,25 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		bg.Go(func() { tuneGC(bgCtx, uint64(cfg.GCHeadroomMB)<<20, time.Second, log) })
 	}
 
+	addrs := boundAddrs{GRPC: grpcLis.Addr().String(), HTTP: httpLis.Addr().String(), Admin: adminLis.Addr().String()}
+	if healthLis != nil {
+		addrs.Health = healthLis.Addr().String()
+	}
+	transport := "plaintext"
+	if certs != nil {
+		transport = "tls"
+		if cfg.TLSClientCAFile != "" {
+			transport = "mtls"
+		}
+		log.Info("TLS certificate loaded", certs.fields()...)
+	}
 	log.Info("serving",
-		zap.String("grpc", grpcLis.Addr().String()), zap.String("http", httpLis.Addr().String()),
-		zap.String("admin", adminLis.Addr().String()), zap.String("http_check_prefix", cfg.HTTPPrefix),
+		zap.String("grpc", addrs.GRPC), zap.String("http", addrs.HTTP), zap.String("transport", transport),
+		zap.String("admin", addrs.Admin), zap.String("health", addrs.Health), zap.String("http_check_prefix", cfg.HTTPPrefix),
 		zap.Stringer("forwarded_headers", cfg.Forwarded), zap.Bool("keep_encoded_slashes", cfg.KeepEncodedSlashes),
 		zap.Strings("credential_sources", cfg.CredentialSources))
 	if e.ready != nil {
-		e.ready(boundAddrs{GRPC: grpcLis.Addr().String(), HTTP: httpLis.Addr().String(), Admin: adminLis.Addr().String()})
+		e.ready(addrs)
 	}
 
 	var runErr error
@@ -250,10 +317,22 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		grpcSrv.Stop()
 	}
 	adminSrv.Shutdown(shutCtx)
+	if healthSrv != nil {
+		healthSrv.Stop()
+	}
 	stopBG()
 	bg.Wait()
 	log.Info("stopped", zap.Uint64("usage_keys_written", usage.Written()), zap.Int("usage_keys_unwritten", usage.Pending()))
 	return runErr
+}
+
+// healthOnly admits gRPC health calls alone (grpc.InTapHandle), before a
+// stream's request is read.
+func healthOnly(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if strings.HasPrefix(info.FullMethodName, "/grpc.health.v1.Health/") {
+		return ctx, nil
+	}
+	return ctx, status.Error(codes.PermissionDenied, "this port serves grpc.health.v1.Health only")
 }
 
 // httpReadTimeout bounds the reading of a whole request, headers and body.
