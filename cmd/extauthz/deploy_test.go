@@ -23,6 +23,7 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/header_mutation/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 
 	"github.com/extauthz/extauthz/internal/authz"
@@ -112,7 +113,7 @@ func loadBootstrap(t *testing.T, rel string) *bootstrapv3.Bootstrap {
 
 func TestEnvoyConfigsValidate(t *testing.T) {
 	t.Parallel()
-	for _, f := range []string{"envoy/envoy.yaml", "envoy/envoy-http.yaml"} {
+	for _, f := range []string{"envoy/envoy.yaml", "envoy/envoy-http.yaml", "envoy/envoy-mtls.yaml"} {
 		t.Run(f, func(t *testing.T) {
 			b := loadBootstrap(t, f)
 			j, _ := protojson.Marshal(b)
@@ -177,6 +178,17 @@ func TestEnvoyConfigsValidate(t *testing.T) {
 			t.Errorf("envoy.yaml lacks %s", want)
 		}
 	}
+	// mTLS: gRPC mode as above, over TLS to the binary's gRPC port.
+	s = mustJSON(t, loadBootstrap(t, "envoy/envoy-mtls.yaml"))
+	for _, want := range []string{
+		`"http2ProtocolOptions":{}`, `"serviceName":"` + authz.AuthorizationService + `"`,
+		`"portValue":` + portOf(t, defaultConfig().GRPCAddr), `"transportApiVersion":"V3"`,
+	} {
+		if !strings.Contains(s, want) {
+			t.Errorf("envoy-mtls.yaml lacks %s", want)
+		}
+	}
+	checkUpstreamMTLS(t, loadBootstrap(t, "envoy/envoy-mtls.yaml"), "extauthz")
 	// HTTP mode: the binary's default HTTP port and prefix, tenant headers copied upstream.
 	s = mustJSON(t, loadBootstrap(t, "envoy/envoy-http.yaml"))
 	for _, want := range []string{
@@ -187,6 +199,52 @@ func TestEnvoyConfigsValidate(t *testing.T) {
 			t.Errorf("envoy-http.yaml lacks %s", want)
 		}
 	}
+}
+
+// checkUpstreamMTLS checks that cluster speaks mutual TLS: a client
+// certificate, the server's verified against a CA and the SNI name, h2 by
+// ALPN (gRPC servers require it), files watched for rotation.
+func checkUpstreamMTLS(t *testing.T, b *bootstrapv3.Bootstrap, cluster string) {
+	t.Helper()
+	for _, c := range b.GetStaticResources().GetClusters() {
+		if c.GetName() != cluster {
+			continue
+		}
+		var up tlsv3.UpstreamTlsContext
+		if err := c.GetTransportSocket().GetTypedConfig().UnmarshalTo(&up); err != nil {
+			t.Fatalf("cluster %s: no UpstreamTlsContext: %v", cluster, err)
+		}
+		ctx := up.GetCommonTlsContext()
+		vc := ctx.GetValidationContext()
+		sanOK := false
+		for _, m := range vc.GetMatchTypedSubjectAltNames() {
+			sanOK = sanOK || m.GetSanType() == tlsv3.SubjectAltNameMatcher_DNS && m.GetMatcher().GetExact() == up.GetSni()
+		}
+		switch {
+		case up.GetSni() == "":
+			t.Errorf("cluster %s: no SNI", cluster)
+		case !sanOK:
+			t.Errorf("cluster %s: the server certificate's DNS SAN is not checked against the SNI %q", cluster, up.GetSni())
+		case vc.GetTrustedCa().GetFilename() == "" || vc.GetWatchedDirectory().GetPath() == "":
+			t.Errorf("cluster %s: no trusted CA file, or not watched", cluster)
+		case len(ctx.GetTlsCertificates()) != 1 || ctx.GetTlsCertificates()[0].GetPrivateKey().GetFilename() == "" ||
+			ctx.GetTlsCertificates()[0].GetWatchedDirectory().GetPath() == "":
+			t.Errorf("cluster %s: no client certificate from watched files", cluster)
+		case !slices.Equal(ctx.GetAlpnProtocols(), []string{"h2"}):
+			t.Errorf("cluster %s: ALPN %v, want h2", cluster, ctx.GetAlpnProtocols())
+		case ctx.GetTlsParams().GetTlsMinimumProtocolVersion() < tlsv3.TlsParameters_TLSv1_2:
+			t.Errorf("cluster %s: TLS below 1.2 allowed", cluster)
+		}
+		for _, e := range c.GetLoadAssignment().GetEndpoints() {
+			for _, lb := range e.GetLbEndpoints() {
+				if a := lb.GetEndpoint().GetAddress().GetSocketAddress().GetAddress(); a != up.GetSni() {
+					t.Errorf("cluster %s: endpoint %s is not the SNI name %s", cluster, a, up.GetSni())
+				}
+			}
+		}
+		return
+	}
+	t.Fatalf("no cluster %s", cluster)
 }
 
 // hcmOf returns the HTTP connection manager of the first listener.
