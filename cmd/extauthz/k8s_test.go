@@ -222,6 +222,10 @@ func TestKubernetesBase(t *testing.T) {
 	if err != nil {
 		t.Fatalf("ConfigMap + Secret: %v", err)
 	}
+	// The example shows verified TLS to both backends.
+	if !strings.Contains(cfg.Store, "sslmode=verify-full") || !strings.HasPrefix(cfg.RedisURL, "rediss://") {
+		t.Errorf("secret.example.yaml: want Postgres with sslmode=verify-full and a rediss:// Redis URL")
+	}
 	// envFrom names them.
 	if len(c.EnvFrom) != 2 || c.EnvFrom[0].ConfigMapRef.Name != cm.Name || c.EnvFrom[1].SecretRef.Name != m.secrets[0].Name {
 		t.Errorf("envFrom %v", c.EnvFrom)
@@ -282,6 +286,52 @@ func TestKubernetesBase(t *testing.T) {
 	}
 	if k.Namespace == "" {
 		t.Error("base sets no namespace")
+	}
+	checkNetworkPolicy(t, m.netpols[0], ports)
+}
+
+// checkNetworkPolicy: the check ports admit only the gateway and mesh
+// namespaces (labelled extauthz.io/client=true, or Istio's own), never
+// every namespace or every pod; the file says how to widen it.
+func checkNetworkPolicy(t *testing.T, np *networkingv1.NetworkPolicy, ports map[string]int32) {
+	t.Helper()
+	allowedNS := map[string]bool{"istio-system": true, "istio-ingress": true}
+	reached := map[int32]bool{}
+	for i, rule := range np.Spec.Ingress {
+		if len(rule.From) == 0 {
+			t.Errorf("ingress rule %d admits every source", i)
+		}
+		if len(rule.Ports) == 0 {
+			t.Errorf("ingress rule %d admits every port", i)
+		}
+		check := false
+		for _, p := range rule.Ports {
+			port := p.Port.IntVal
+			reached[port] = true
+			check = check || port == ports["grpc"] || port == ports["http"]
+		}
+		for _, peer := range rule.From {
+			ns := peer.NamespaceSelector
+			switch {
+			case peer.IPBlock != nil:
+				t.Errorf("ingress rule %d admits an IP block", i)
+			case ns == nil || len(ns.MatchLabels)+len(ns.MatchExpressions) == 0:
+				t.Errorf("ingress rule %d admits pods of every namespace", i)
+			case !check:
+			case ns.MatchLabels["extauthz.io/client"] == "true" && len(ns.MatchLabels) == 1:
+			case allowedNS[ns.MatchLabels["kubernetes.io/metadata.name"]] && len(ns.MatchLabels) == 1:
+			default:
+				t.Errorf("ingress rule %d admits namespaces %v to the check ports; want extauthz.io/client=true or an Istio namespace", i, ns)
+			}
+		}
+	}
+	for _, name := range []string{"grpc", "http"} {
+		if !reached[ports[name]] {
+			t.Errorf("no caller may reach the %s port %d", name, ports[name])
+		}
+	}
+	if !strings.Contains(string(repoFile(t, "k8s/base/networkpolicy.yaml")), "kubectl label namespace") {
+		t.Error("networkpolicy.yaml does not say how to admit another namespace")
 	}
 }
 
