@@ -40,7 +40,10 @@ type kustomization struct {
 		Pairs map[string]string `json:"pairs"`
 	} `json:"labels"`
 	Resources []string `json:"resources"`
-	Images    []struct {
+	Patches   []struct {
+		Path string `json:"path"`
+	} `json:"patches"`
+	Images []struct {
 		Name    string `json:"name"`
 		NewName string `json:"newName"`
 		NewTag  string `json:"newTag"`
@@ -55,6 +58,30 @@ type istioObject struct {
 	Spec              json.RawMessage `json:"spec"`
 }
 
+// certificate is the part of cert-manager's Certificate the TLS overlay
+// uses, decoded strictly.
+type certificate struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		SecretName  string   `json:"secretName"`
+		DNSNames    []string `json:"dnsNames"`
+		Duration    string   `json:"duration"`
+		RenewBefore string   `json:"renewBefore"`
+		PrivateKey  struct {
+			Algorithm      string `json:"algorithm"`
+			Size           int    `json:"size"`
+			RotationPolicy string `json:"rotationPolicy"`
+		} `json:"privateKey"`
+		Usages    []string `json:"usages"`
+		IssuerRef struct {
+			Name  string `json:"name"`
+			Kind  string `json:"kind"`
+			Group string `json:"group"`
+		} `json:"issuerRef"`
+	} `json:"spec"`
+}
+
 // manifests holds every object of the shipped manifests, decoded.
 type manifests struct {
 	deployments []*appsv1.Deployment
@@ -67,6 +94,7 @@ type manifests struct {
 	jobs        []*batchv1.Job
 	policies    []*securityv1beta1.AuthorizationPolicy
 	filters     []*networkingv1alpha3.EnvoyFilter
+	certs       []*certificate
 	kinds       []string
 }
 
@@ -146,6 +174,10 @@ func (m *manifests) decodeFile(t *testing.T, path string) {
 			o := &networkingv1alpha3.EnvoyFilter{}
 			istio(o)
 			m.filters = append(m.filters, o)
+		case "cert-manager.io/v1/Certificate":
+			o := &certificate{}
+			strict(o)
+			m.certs = append(m.certs, o)
 		default:
 			t.Fatalf("%s: no decoder for this kind", where)
 		}
@@ -336,6 +368,92 @@ func checkNetworkPolicy(t *testing.T, np *networkingv1.NetworkPolicy, ports map[
 }
 
 func itoa(n int32) string { return strconv.Itoa(int(n)) }
+
+// The TLS overlay: the Deployment patch gives a valid TLS + mTLS
+// configuration whose files come from the Secret cert-manager writes,
+// mounted whole (so rotations reach the pod), and moves every probe to the
+// plaintext health port.
+func TestKubernetesTLSOverlay(t *testing.T) {
+	t.Parallel()
+	var m manifests
+	k := m.loadKustomization(t, "../../k8s/tls")
+	if len(m.certs) != 1 || len(k.Patches) != 1 || len(m.deployments) != 1 {
+		t.Fatalf("want one Certificate, one patch and the base Deployment; got %v, %d patches", m.kinds, len(k.Patches))
+	}
+	crt, base := m.certs[0], m.deployments[0]
+	var patch appsv1.Deployment
+	if err := decodeStrict(repoFile(t, "k8s/tls/"+k.Patches[0].Path), &patch); err != nil {
+		t.Fatalf("patch: %v", err)
+	}
+	if patch.Name != base.Name || len(patch.Spec.Template.Spec.Containers) != 1 || patch.Spec.Template.Spec.Containers[0].Name != base.Spec.Template.Spec.Containers[0].Name {
+		t.Fatal("the patch does not name the base Deployment and its container")
+	}
+	c, pod := patch.Spec.Template.Spec.Containers[0], patch.Spec.Template.Spec
+
+	env := map[string]string{"EXTAUTHZ_HMAC_SECRETS": "k1:" + pepper32}
+	for k, v := range m.configMaps[0].Data {
+		env[k] = v
+	}
+	for _, e := range c.Env {
+		if !known[strings.TrimPrefix(e.Name, "EXTAUTHZ_")] {
+			t.Errorf("patch: %s is not a setting", e.Name)
+		}
+		env[e.Name] = e.Value
+	}
+	cfg, err := loadConfig(lookupMap(env))
+	if err != nil {
+		t.Fatalf("ConfigMap + patch: %v", err)
+	}
+	if !cfg.TLS() || cfg.TLSClientCAFile == "" || cfg.HealthAddr == "" {
+		t.Fatalf("want TLS, client certificates and a health port: %v", cfg)
+	}
+	// Each file is in the Secret cert-manager writes, mounted whole.
+	secretOf := map[string]string{}
+	for _, v := range pod.Volumes {
+		if v.Secret != nil {
+			secretOf[v.Name] = v.Secret.SecretName
+		}
+	}
+	for _, f := range []string{cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSClientCAFile} {
+		found := false
+		for _, vm := range c.VolumeMounts {
+			if filepath.Dir(f) == vm.MountPath && vm.SubPath == "" && vm.ReadOnly && secretOf[vm.Name] == crt.Spec.SecretName &&
+				slices.Contains([]string{"tls.crt", "tls.key", "ca.crt"}, filepath.Base(f)) {
+				found = true
+			}
+		}
+		if !found {
+			t.Errorf("%s is not a key of Secret %s mounted read-only without subPath", f, crt.Spec.SecretName)
+		}
+	}
+	// Probes on the plaintext health port, which the container declares.
+	hp := portOf(t, cfg.HealthAddr)
+	declared := false
+	for _, p := range c.Ports {
+		declared = declared || itoa(p.ContainerPort) == hp
+	}
+	if !declared {
+		t.Errorf("health port %s not declared", hp)
+	}
+	for name, p := range map[string]*corev1.Probe{"liveness": c.LivenessProbe, "readiness": c.ReadinessProbe, "startup": c.StartupProbe} {
+		if p == nil || p.GRPC == nil || itoa(p.GRPC.Port) != hp {
+			t.Errorf("%s probe is not gRPC on the health port %s", name, hp)
+		}
+	}
+	// The certificate names the Service envoy-mtls.yaml dials, for serving.
+	sni := ""
+	for _, cl := range loadBootstrap(t, "envoy/envoy-mtls.yaml").GetStaticResources().GetClusters() {
+		if cl.GetName() == "extauthz" {
+			sni = mustJSON(t, cl.GetTransportSocket())
+		}
+	}
+	if len(crt.Spec.DNSNames) == 0 || !strings.Contains(sni, `"sni":"`+crt.Spec.DNSNames[0]+`"`) {
+		t.Errorf("Certificate dnsNames %v do not hold envoy-mtls.yaml's SNI", crt.Spec.DNSNames)
+	}
+	if !slices.Contains(crt.Spec.Usages, "server auth") || crt.Spec.PrivateKey.RotationPolicy != "Always" {
+		t.Errorf("Certificate: usages %v, key rotation %q", crt.Spec.Usages, crt.Spec.PrivateKey.RotationPolicy)
+	}
+}
 
 func TestIstioOverlay(t *testing.T) {
 	t.Parallel()
