@@ -297,3 +297,14 @@ func TestConfigPathSettings(t *testing.T) {
 		}
 	}
 }
+
+// Every setting has a row, with its default, in the README's table.
+func TestREADMEListsEverySetting(t *testing.T) {
+	t.Parallel()
+	readme := string(repoFile(t, "README.md"))
+	for name := range known {
+		if !strings.Contains(readme, "\n| `EXTAUTHZ_"+name+"` | ") {
+			t.Errorf("README settings table has no row for EXTAUTHZ_%s", name)
+		}
+	}
+}
