@@ -167,6 +167,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		grpc.MaxRecvMsgSize(cfg.MaxRequestBytes),
 		// Envoy may ping idle connections; don't punish it for that.
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		// A connection has this long for its TLS handshake and HTTP/2
+		// preface (grpc-go's default is 120 s of a held goroutine).
+		grpc.ConnectionTimeout(handshakeTimeout),
 	}
 	var checkLis net.Listener = authz.HTTPListener(httpLis)
 	if certs != nil {
@@ -334,6 +337,9 @@ func healthOnly(ctx context.Context, info *tap.Info) (context.Context, error) {
 	}
 	return ctx, status.Error(codes.PermissionDenied, "this port serves grpc.health.v1.Health only")
 }
+
+// handshakeTimeout bounds a new gRPC connection's setup.
+const handshakeTimeout = 10 * time.Second
 
 // httpReadTimeout bounds the reading of a whole request, headers and body.
 const httpReadTimeout = 10 * time.Second
