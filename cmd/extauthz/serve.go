@@ -141,6 +141,9 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	}
 	reg, observer, lag := newMetrics(auth, usage, busRejected)
 	registerUnknownPepper(reg, hasher)
+	if certs != nil {
+		reg.MustRegister(certs.collectors()...)
+	}
 	svc := authz.NewService(auth, authz.Options{
 		Extractor:       tokens.NewExtractor(cfg.CredentialSources),
 		Routes:          routes,

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 )
 
@@ -49,6 +50,7 @@ type certReloader struct {
 	// goroutine touches these.
 	badSum     [sha256.Size]byte
 	unreadable bool
+	refused    atomic.Uint64 // changed sets that did not load
 }
 
 // newCertReloader loads the files; an error names the setting at fault.
@@ -157,10 +159,26 @@ func (r *certReloader) watch(ctx context.Context, interval time.Duration, log *z
 		changed, err := r.reload()
 		switch {
 		case err != nil:
+			r.refused.Add(1)
 			log.Error("new TLS files refused; still serving the previous certificate", zap.Error(err))
 		case changed:
 			log.Info("TLS certificate reloaded", r.fields()...)
 		}
+	}
+}
+
+// collectors are the metrics an operator alerts on: a certificate near its
+// expiry (rotation stopped working) and refused reloads.
+func (r *certReloader) collectors() []prometheus.Collector {
+	return []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "extauthz_tls_certificate_expiry_timestamp_seconds",
+			Help: "NotAfter of the certificate in service, as a Unix time.",
+		}, func() float64 { return float64(r.cur.Load().leaf.NotAfter.Unix()) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "extauthz_tls_reload_failures_total",
+			Help: "Changed TLS files that did not load; the previous certificate stayed in service.",
+		}, func() float64 { return float64(r.refused.Load()) }),
 	}
 }
 

@@ -345,6 +345,10 @@ func TestTLSReload(t *testing.T) {
 	if n := strings.Count(srv.log.String(), "new TLS files refused"); n != 1 {
 		t.Errorf("refusal logged %d times, want once", n)
 	}
+	_, metrics := httpGet(t, "http://"+srv.addrs.Admin+"/metrics")
+	if !strings.Contains(metrics, "extauthz_tls_reload_failures_total 1\n") || !strings.Contains(metrics, "extauthz_tls_certificate_expiry_timestamp_seconds ") {
+		t.Errorf("TLS metrics missing or wrong:\n%s", grepLines(metrics, "extauthz_tls_"))
+	}
 }
 
 // waitFor polls cond for up to 10 s: reload polls every second.
@@ -402,4 +406,15 @@ func TestServeRefusesBadTLS(t *testing.T) {
 			loopbackCLI(t, env).fails(1, "EXTAUTHZ_TLS_KEY_FILE: open "+unreadable+": permission denied", "", "serve")
 		})
 	}
+}
+
+// grepLines returns the lines of s that contain sub.
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
