@@ -191,7 +191,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 	// method is refused before its request is read.
 	var healthSrv *grpc.Server
 	if healthLis != nil {
-		healthSrv = authz.NewGRPCServer(svc, health, grpc.InTapHandle(healthOnly))
+		healthSrv = authz.NewGRPCServer(svc, health, grpc.InTapHandle(healthOnly), grpc.ConnectionTimeout(handshakeTimeout))
 	}
 	httpSrv := boundedHTTPServer(health.HTTPHandler(svc.HTTPHandler(cfg.HTTPPrefix)), httpReadTimeout, 10*time.Second)
 	adminMux := http.NewServeMux()
