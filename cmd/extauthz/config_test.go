@@ -117,6 +117,8 @@ func TestConfigInvalid(t *testing.T) {
 		"EXTAUTHZ_MAX_REQUEST_BYTES":  "1k",
 		"EXTAUTHZ_MAX_HEADERS":        "3",
 		"EXTAUTHZ_REDIS_URL":          "redis://localhost:6379?nonsense=1",
+		"EXTAUTHZ_HEALTH_ADDR":        "unix:run/health.sock",
+		"EXTAUTHZ_TLS_CLIENT_CA_FILE": "/etc/extauthz/ca.crt", // without a certificate and key
 	}
 	// Each alone fails, naming its setting.
 	for name, value := range cases {
