@@ -56,7 +56,12 @@ func listenUnix(ctx context.Context, path string) (net.Listener, error) {
 	var lc net.ListenConfig
 	l, err := lc.Listen(ctx, "unix", tmp)
 	if err != nil {
-		return nil, err
+		// Named by the path configured, not the temporary one.
+		var se *os.SyscallError
+		if errors.As(err, &se) {
+			err = se.Err
+		}
+		return nil, fmt.Errorf("%s: bind: %w", path, err)
 	}
 	ul := l.(*net.UnixListener)
 	ul.SetUnlinkOnClose(false) // the file's name changes below; Close removes it

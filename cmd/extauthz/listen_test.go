@@ -105,6 +105,9 @@ func TestUnixSocketRefusesNonSocket(t *testing.T) {
 	if b, err := os.ReadFile(file); err != nil || string(b) != "precious" {
 		t.Errorf("the file was touched: %q %v", b, err)
 	}
+	// A directory that does not exist is named as configured.
+	c.env["EXTAUTHZ_HTTP_ADDR"] = "unix:" + filepath.Join(dir, "nodir", "http.sock")
+	c.fails(1, "EXTAUTHZ_HTTP_ADDR: "+filepath.Join(dir, "nodir", "http.sock")+": bind: no such file or directory", "", "serve")
 	// And a relative path or two listeners on one socket are configuration errors.
 	c.env["EXTAUTHZ_HTTP_ADDR"] = "unix:rel.sock"
 	c.fails(1, "EXTAUTHZ_HTTP_ADDR: \"unix:rel.sock\": a Unix socket needs an absolute file path", "", "serve")
