@@ -418,3 +418,39 @@ func grepLines(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// A file missing for a while (deleted, or mid-replacement by a writer that
+// is not atomic) keeps the set in service, is reported once, and its
+// return is no change.
+func TestCertReloaderMissingFile(t *testing.T) {
+	t.Parallel()
+	ca := newTestCA(t, "ca")
+	certPEM, keyPEM := ca.issue(t, "s", false)
+	dir := t.TempDir()
+	cert, key := filepath.Join(dir, "tls.crt"), filepath.Join(dir, "tls.key")
+	for p, b := range map[string][]byte{cert: certPEM, key: keyPEM} {
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r, err := newCertReloader(certFiles{cert: cert, key: key})
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := r.cur.Load()
+	if err := os.Remove(key); err != nil {
+		t.Fatal(err)
+	}
+	for i, wantErr := range []bool{true, false, false} {
+		changed, err := r.reload()
+		if changed || (err != nil) != wantErr {
+			t.Errorf("poll %d with the key missing: changed %v, err %v; want an error on the first only", i, changed, err)
+		}
+	}
+	if err := os.WriteFile(key, keyPEM, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := r.reload(); changed || err != nil || r.cur.Load() != before {
+		t.Errorf("the same key back: changed %v, err %v", changed, err)
+	}
+}
