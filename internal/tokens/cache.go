@@ -22,6 +22,11 @@ const cacheShards = 32
 // Eviction is SIEVE per shard: a hit only sets a bit under a read lock,
 // and the eviction hand spares entries hit since it last passed.
 //
+// Denials never evict allows: each shard keeps them in two lists, a
+// denial makes room only among denials (or is not cached at all), and an
+// allow makes room among denials first. A flood of junk credentials can
+// fill the cache's free space with negatives, never push a key out.
+//
 // The bound is exact: the shards' capacities add up to the size given to
 // NewCache, so the cache never holds more entries than that. A cache
 // smaller than cacheShards uses fewer shards (a power of two, at most the
@@ -53,12 +58,31 @@ type cacheShard struct {
 	// compares it: two credentials whose digests share those 64 bits merely
 	// compete for one slot (a miss, or an eviction); one can never be
 	// answered with the other's decision.
-	m                map[uint64]int32
-	chunks           [][]cacheEntry
-	used             int32 // entries ever allocated
-	free             int32 // removed entries, linked through next
+	m        map[uint64]int32
+	chunks   [][]cacheEntry
+	used     int32 // entries ever allocated
+	free     int32 // removed entries, linked through next
+	lists    [2]cacheList
+	capacity int
+}
+
+// Entry lists of a shard: allows, and denials (negative entries).
+const (
+	allows  = 0
+	denials = 1
+)
+
+// cacheList is one SIEVE list of a shard.
+type cacheList struct {
 	head, tail, hand int32 // head is newest
-	capacity         int
+}
+
+// listOf is the list a decision belongs in.
+func listOf(d *decision) int {
+	if d.outcome == OutcomeAllow {
+		return allows
+	}
+	return denials
 }
 
 type cacheEntry struct {
@@ -68,6 +92,7 @@ type cacheEntry struct {
 	staleUntil int64
 	prev, next int32 // prev is toward head (newer)
 	visited    atomic.Bool
+	list       uint8 // allows or denials
 }
 
 // NewCache holds at most size entries (at least one).
@@ -80,7 +105,9 @@ func NewCache(size int) *Cache {
 	c := &Cache{mask: uint8(n - 1)}
 	for i := range c.shards {
 		s := &c.shards[i]
-		s.free, s.head, s.tail, s.hand = none, none, none, none
+		s.free = none
+		s.lists[allows] = cacheList{none, none, none}
+		s.lists[denials] = cacheList{none, none, none}
 		if i >= n {
 			continue // never picked: empty, with no capacity
 		}
@@ -139,30 +166,41 @@ func (c *Cache) put(k Digest, d *decision, freshUntil, staleUntil int64) {
 		staleUntil = freshUntil
 	}
 	s := c.shard(&k)
+	l := listOf(d)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if i, ok := s.m[slot(&k)]; ok {
-		if e := s.at(i); e.key == k {
+		if e := s.at(i); e.key == k && int(e.list) == l {
 			e.val, e.freshUntil, e.staleUntil = d, freshUntil, staleUntil
 			return
 		}
-		s.remove(i) // another digest in the same slot: the newer one wins
+		// Another digest in the same slot (the newer one wins), or this
+		// key moving between allow and denial: taken out, put in anew.
+		s.remove(i)
 	}
 	for len(s.m) >= s.capacity {
-		s.evict()
+		victims := denials
+		if s.lists[denials].tail == none {
+			if l == denials {
+				return // a denial never evicts an allow: not cached
+			}
+			victims = allows
+		}
+		s.evict(victims)
 		c.evicted.Add(1)
 	}
 	i := s.alloc()
 	e := s.at(i)
-	e.key, e.val, e.freshUntil, e.staleUntil = k, d, freshUntil, staleUntil
+	e.key, e.val, e.freshUntil, e.staleUntil, e.list = k, d, freshUntil, staleUntil, uint8(l)
 	e.visited.Store(false)
-	e.prev, e.next = none, s.head
-	if s.head != none {
-		s.at(s.head).prev = i
+	ls := &s.lists[l]
+	e.prev, e.next = none, ls.head
+	if ls.head != none {
+		s.at(ls.head).prev = i
 	}
-	s.head = i
-	if s.tail == none {
-		s.tail = i
+	ls.head = i
+	if ls.tail == none {
+		ls.tail = i
 	}
 	s.m[slot(&k)] = i
 }
@@ -184,37 +222,39 @@ func (s *cacheShard) alloc() int32 {
 	return i
 }
 
-// evict removes one entry: the first from the hand toward the head that
-// was not visited since the hand last passed it.
-func (s *cacheShard) evict() {
-	i := s.hand
+// evict removes one entry of list l (not empty): the first from the hand
+// toward the head that was not visited since the hand last passed it.
+func (s *cacheShard) evict(l int) {
+	ls := &s.lists[l]
+	i := ls.hand
 	if i == none {
-		i = s.tail
+		i = ls.tail
 	}
 	for e := s.at(i); e.visited.Load(); e = s.at(i) {
 		e.visited.Store(false)
 		if i = e.prev; i == none {
-			i = s.tail
+			i = ls.tail
 		}
 	}
-	s.hand = s.at(i).prev
+	ls.hand = s.at(i).prev
 	s.remove(i)
 }
 
 func (s *cacheShard) remove(i int32) {
 	e := s.at(i)
-	if s.hand == i {
-		s.hand = e.prev
+	ls := &s.lists[e.list]
+	if ls.hand == i {
+		ls.hand = e.prev
 	}
 	if e.prev != none {
 		s.at(e.prev).next = e.next
 	} else {
-		s.head = e.next
+		ls.head = e.next
 	}
 	if e.next != none {
 		s.at(e.next).prev = e.prev
 	} else {
-		s.tail = e.prev
+		ls.tail = e.prev
 	}
 	delete(s.m, slot(&e.key))
 	// Free: the decision can be collected, and the index reused.
@@ -240,14 +280,16 @@ func (c *Cache) dropWhere(match func(*decision) bool) int {
 	for i := range c.shards {
 		s := &c.shards[i]
 		s.mu.Lock()
-		for j := s.head; j != none; {
-			e := s.at(j)
-			next := e.next
-			if match(e.val) {
-				s.remove(j)
-				n++
+		for l := range s.lists {
+			for j := s.lists[l].head; j != none; {
+				e := s.at(j)
+				next := e.next
+				if match(e.val) {
+					s.remove(j)
+					n++
+				}
+				j = next
 			}
-			j = next
 		}
 		s.mu.Unlock()
 	}

@@ -100,9 +100,12 @@ func TestCacheConcurrent(t *testing.T) {
 		wg.Go(func() {
 			for i := range 5000 {
 				k := digestOf(i % 2000)
-				if i%3 == 0 {
+				switch {
+				case i%3 == 0:
 					c.put(k, newDecision(Principal{KeyID: "x"}, nil), 100, 100)
-				} else {
+				case i%5 == 0: // the same digests turn into denials too
+					c.put(k, newDecision(Principal{}, ErrUnknown), 100, 100)
+				default:
 					c.get(k, int64(g))
 				}
 				if i%1000 == 0 {
@@ -118,17 +121,23 @@ func TestCacheConcurrent(t *testing.T) {
 	// The linked lists, the maps and the free lists agree.
 	for i := range c.shards {
 		s := &c.shards[i]
-		n, prev := 0, int32(none)
-		for j := s.head; j != none; j = s.at(j).next {
-			e := s.at(j)
-			if s.m[slot(&e.key)] != j || e.prev != prev || e.val == nil {
-				t.Fatal("list entry not in map, or links broken")
+		n := 0
+		for l := range s.lists {
+			prev := int32(none)
+			for j := s.lists[l].head; j != none; j = s.at(j).next {
+				e := s.at(j)
+				if s.m[slot(&e.key)] != j || e.prev != prev || e.val == nil || int(e.list) != l || listOf(e.val) != l {
+					t.Fatal("list entry not in map, in the wrong list, or links broken")
+				}
+				prev = j
+				n++
 			}
-			prev = j
-			n++
+			if prev != s.lists[l].tail {
+				t.Fatalf("shard %d list %d: tail %d, last %d", i, l, s.lists[l].tail, prev)
+			}
 		}
-		if n != len(s.m) || prev != s.tail {
-			t.Fatalf("shard %d: list %d, map %d", i, n, len(s.m))
+		if n != len(s.m) {
+			t.Fatalf("shard %d: lists %d, map %d", i, n, len(s.m))
 		}
 		free := 0
 		for j := s.free; j != none; j = s.at(j).next {
@@ -231,5 +240,57 @@ func TestDecisionsWhileInterning(t *testing.T) {
 	}
 	if n != writers*each {
 		t.Fatalf("%d decisions, want %d", n, writers*each)
+	}
+}
+
+// A flood of denials (junk credentials) never evicts an allow: a denial
+// makes room only among denials, or is not cached; an allow makes room
+// among denials first.
+func TestCacheDenialsNeverEvictAllows(t *testing.T) {
+	t.Parallel()
+	c := NewCache(1024) // 32 shards of 32
+	allow := newDecision(Principal{KeyID: "k"}, nil)
+	deny := newDecision(Principal{}, ErrUnknown)
+	present := func(n int) int {
+		kept := 0
+		for i := range n {
+			if d, st := c.get(digestOf(i), 0); st == cacheFresh && d == allow {
+				kept++
+			}
+		}
+		return kept
+	}
+	for i := range 200 {
+		c.put(digestOf(i), allow, 100, 100)
+	}
+	if n := present(200); n != 200 {
+		t.Fatalf("%d of 200 allows cached, before any denial", n)
+	}
+	for i := 100000; i < 150000; i++ {
+		c.put(digestOf(i), deny, 100, 100)
+	}
+	if n := present(200); n != 200 || c.Len() > 1024 {
+		t.Fatalf("after 50,000 denials: %d of 200 allows kept, %d entries (bound 1024)", n, c.Len())
+	}
+	// Allows still come in, pushing denials out first.
+	for i := 200; i < 500; i++ {
+		c.put(digestOf(i), allow, 100, 100)
+	}
+	if n := present(500); n != 500 {
+		t.Fatalf("%d of 500 allows cached, with denials left to evict", n)
+	}
+	// A shard full of allows caches no denial at all.
+	full := NewCache(1)
+	full.put(digestOf(1), allow, 100, 100)
+	for i := 1000; i < 2000; i++ {
+		full.put(digestOf(i), deny, 100, 100)
+	}
+	if _, st := full.get(digestOf(1), 0); st != cacheFresh || full.Len() != 1 {
+		t.Errorf("full of allows: the allow was evicted by a denial")
+	}
+	// A key that turns from allow to denial (revoked) moves lists.
+	c.put(digestOf(0), deny, 100, 100)
+	if d, _ := c.get(digestOf(0), 0); d != deny {
+		t.Fatal("revoked key still answered with its allow")
 	}
 }
