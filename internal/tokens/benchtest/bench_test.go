@@ -4,6 +4,7 @@ package benchtest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -114,4 +115,50 @@ func BenchmarkRedisGetRaw(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// BenchmarkUnknownVsWrongSecret: what a caller can time to learn whether a
+// public key exists. Each iteration checks, against the real Postgres and
+// with empty caches for both, a credential whose public key is unknown and
+// one whose public key is known but whose secret is wrong, timing each;
+// the metrics are their costs and the ratio (wrong/unknown) in one run.
+// extauthz verifies a dummy digest for an unknown key, so the HMAC work is
+// the same; what differs is the store finding a row.
+func BenchmarkUnknownVsWrongSecret(b *testing.B) {
+	h, _ := tokens.NewHasher(pepper)
+	st, creds := seedPostgres(b, h)
+	a := tokens.NewAuthenticator(h, st, tokens.Options{CacheSize: cacheSize, StoreTimeout: time.Second})
+	ctx := context.Background()
+	fresh := func(public string) tokens.Credential {
+		pk, sk, err := tokens.GeneratePair()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if public != "" {
+			pk = public
+		}
+		c, err := tokens.ParseCredential(pk + ":" + sk)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return c
+	}
+	var unknown, wrong time.Duration
+	i := 0
+	for b.Loop() {
+		u, w := fresh(""), fresh(creds[i%nKeys].PublicKey())
+		start := time.Now()
+		_, errU := a.Authenticate(ctx, u)
+		mid := time.Now()
+		_, errW := a.Authenticate(ctx, w)
+		wrong += time.Since(mid)
+		unknown += mid.Sub(start)
+		if !errors.Is(errU, tokens.ErrUnknown) || !errors.Is(errW, tokens.ErrUnknown) {
+			b.Fatalf("want both denied as unknown: %v, %v", errU, errW)
+		}
+		i++
+	}
+	b.ReportMetric(float64(unknown.Nanoseconds())/float64(i), "unknown-ns/op")
+	b.ReportMetric(float64(wrong.Nanoseconds())/float64(i), "wrong-secret-ns/op")
+	b.ReportMetric(float64(wrong)/float64(unknown), "wrong/unknown")
 }
