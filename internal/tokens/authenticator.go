@@ -52,6 +52,7 @@ type Stats struct {
 	SharedHits, SharedMisses, SharedErrors    atomic.Uint64
 	SharedSkipped                             atomic.Uint64 // shared tier not asked: recently failed
 	SharedRejected                            atomic.Uint64 // shared entries forged, altered or invalid: deleted
+	SharedOutdated                            atomic.Uint64 // shared entries older than a change this replica knows of: deleted
 	Uncached                                  atomic.Uint64 // lookups not cached: an invalidation overlapped them
 }
 
@@ -74,14 +75,15 @@ type Authenticator struct {
 	seal          *SharedSealer
 	rejectLogged  atomic.Int64 // unix nanoseconds of the last rejection logged
 
-	// Tombstones: for a short while after a key is invalidated, shared
-	// entries of it are ignored. Another replica that read the store just
-	// before the change may still write the old decision to the shared tier
-	// (it deletes it again once it hears of the change); in between, this
-	// replica must not pick it up and keep it for a whole TTL.
-	tombMu     sync.Mutex
-	tombs      map[string]int64 // key id -> unix nanoseconds
-	tombAll    atomic.Int64     // every key, after InvalidateAll
+	// What this replica knows of recent changes, to judge shared entries
+	// by (see changes.go): an entry stamped with a key version older than a
+	// change of that key this replica has heard of, or older than the
+	// floor, is never adopted.
+	memMu      sync.Mutex
+	mem        map[string]keyChange
+	memFor     time.Duration
+	floor      atomic.Int64 // no shared entry of a key read before this change sequence is adopted
+	tombAll    atomic.Int64 // unix nanoseconds until which no shared entry is adopted
 	tombWindow time.Duration
 }
 
@@ -118,7 +120,7 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 		o.SharedSealer = h.SharedSealer("")
 	}
 	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,
-		tombs: map[string]int64{}, tombWindow: window, seal: o.SharedSealer}
+		mem: map[string]keyChange{}, memFor: o.TTL + o.MaxStale + rememberMargin, tombWindow: window, seal: o.SharedSealer}
 }
 
 // Stats exposes the counters.
@@ -213,19 +215,19 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 	seq := a.invalidations.Load()
 	now := a.opts.Now()
 	var staleShared *sharedEntry
-	if e, ok := a.sharedGet(ctx, k); ok && !a.tombstoned(e.keyID, now) {
+	if e, ok := a.sharedGet(ctx, k); ok && a.adoptable(k, &e, now.UnixNano()) {
 		n := now.UnixNano()
 		a.clampShared(&e, n)
 		if n < e.fresh {
 			d := e.decision()
-			a.keep(k, d, e.fresh, e.stale, seq, false)
+			a.keep(k, d, 0, e.fresh, e.stale, seq, false)
 			return d, nil
 		}
 		if n < e.stale {
 			staleShared = &e
 		}
 	}
-	d, err := a.lookup(ctx, c, now)
+	d, version, err := a.lookup(ctx, c, now)
 	if err != nil {
 		if staleShared != nil {
 			a.stats.StaleServed.Add(1)
@@ -234,12 +236,13 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 		return nil, err
 	}
 	fresh, stale := a.deadlines(d, now)
-	a.keep(k, d, fresh, stale, seq, true)
+	a.keep(k, d, version, fresh, stale, seq, true)
 	return d, nil
 }
 
-// lookup asks the store and judges the key it returns.
-func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time) (*decision, error) {
+// lookup asks the store and judges the key it returns. version is the
+// key's (Key.Version), 0 for an unknown credential.
+func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time) (*decision, int64, error) {
 	a.stats.StoreLookups.Add(1)
 	var key *Key
 	var err error
@@ -256,17 +259,22 @@ func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time)
 			// unknown public key from a known one.
 			a.hasher.Verify("", c.secret, nil)
 		}
-		return newDecision(Principal{}, ErrUnknown), nil
+		return newDecision(Principal{}, ErrUnknown), 0, nil
 	case err != nil:
 		a.stats.StoreErrors.Add(1)
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, 0, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	return a.judge(key, c, now), nil
+	d := a.judge(key, c, now)
+	if d.keyID() == "" {
+		return d, 0, nil
+	}
+	return d, key.Version, nil
 }
 
-// keep caches d in process and, when it came from the store, in the shared
-// tier, then undoes both if an invalidation overlapped the lookup.
-func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint64, toShared bool) {
+// keep caches d in process and, when it came from the store (the key at
+// version), in the shared tier, then undoes both if an invalidation
+// overlapped the lookup.
+func (a *Authenticator) keep(k Digest, d *decision, version, fresh, stale int64, seq uint64, toShared bool) {
 	a.cache.put(k, d, fresh, stale)
 	if a.invalidations.Load() != seq {
 		a.cache.drop(k)
@@ -278,7 +286,7 @@ func (a *Authenticator) keep(k Digest, d *decision, fresh, stale int64, seq uint
 	}
 	// Off the check's path (sealing too); bounded by SharedTimeout.
 	go func() {
-		k, e := k, d.shared(fresh, stale) // the goroutine's own k: keep's stays off the heap
+		k, e := k, d.shared(version, fresh, stale) // the goroutine's own k: keep's stays off the heap
 		v, ok := a.seal.sealEntry(&k, &e)
 		ttl := time.Duration(stale - a.opts.Now().UnixNano())
 		if !ok || ttl < time.Millisecond {
@@ -385,6 +393,14 @@ func (a *Authenticator) rejectShared(k Digest, why error) {
 		a.log.Warn("shared cache entry rejected and deleted: Redis holds a value no replica wrote (is anyone else writing to it?)",
 			zap.String("reason", why.Error()), zap.Uint64("rejected_total", a.stats.SharedRejected.Load()))
 	}
+	a.deleteShared(k)
+}
+
+// deleteShared deletes the shared entry of k, off the check's path.
+func (a *Authenticator) deleteShared(k Digest) {
+	if a.opts.Shared == nil {
+		return
+	}
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), a.opts.SharedTimeout)
 		defer cancel()
@@ -430,43 +446,11 @@ func (a *Authenticator) deadlines(d *decision, now time.Time) (fresh, stale int6
 	return fresh, stale
 }
 
-// tombstoned reports whether shared entries of keyID are being ignored.
-func (a *Authenticator) tombstoned(keyID string, now time.Time) bool {
-	t := now.UnixNano()
-	if t < a.tombAll.Load() {
-		return true
-	}
-	if keyID == "" {
-		return false
-	}
-	a.tombMu.Lock()
-	defer a.tombMu.Unlock()
-	return t < a.tombs[keyID]
-}
-
-func (a *Authenticator) bury(ids []string) {
-	now := a.opts.Now().UnixNano()
-	until := now + int64(a.tombWindow)
-	a.tombMu.Lock()
-	defer a.tombMu.Unlock()
-	if len(a.tombs) > 1024 {
-		for id, t := range a.tombs {
-			if t <= now {
-				delete(a.tombs, id)
-			}
-		}
-	}
-	for _, id := range ids {
-		a.tombs[id] = until
-	}
-}
-
 // InvalidateKeys drops every cached decision of these key ids.
 func (a *Authenticator) InvalidateKeys(ids ...string) int {
 	if len(ids) == 0 {
 		return 0
 	}
-	a.bury(ids)
 	a.invalidations.Add(1)
 	set := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
@@ -492,7 +476,6 @@ func (a *Authenticator) InvalidateTenant(tenant string) int {
 // InvalidateAll empties the cache: for a store that can no longer tell
 // what changed.
 func (a *Authenticator) InvalidateAll() int {
-	a.tombAll.Store(a.opts.Now().Add(a.tombWindow).UnixNano())
 	a.invalidations.Add(1)
 	n := a.cache.dropWhere(func(*decision) bool { return true })
 	a.stats.Invalidated.Add(uint64(n))

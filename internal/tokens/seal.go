@@ -105,21 +105,23 @@ var (
 	errSealFields  = errors.New("sealed, but invalid")
 )
 
-// Format versions: the first byte of every sealed value. A later format
-// (say, entries stamped with the key row's version) takes the next number;
-// a replica that meets a version it does not know treats the entry as a
-// miss and leaves it alone.
+// Format versions: the first byte of every sealed value. A replica that
+// meets a version it does not know treats the entry as a miss and leaves
+// it alone. Entry format 1 (before entries carried the key's version) is
+// such a miss: it cannot be judged against the changes this replica knows
+// of, and expires on its own.
 const (
-	entryV1   = 1
+	entryV2   = 2
 	messageV1 = 1
 )
 
-// maxSharedEntry is the longest entry format 1 holds.
-const maxSharedEntry = 1 + 1 + 3*8 + 1 + maxIDLen + 1 + maxIDLen + 2 + maxScopesHeader + tagLen
+// maxSharedEntry is the longest entry format 2 holds.
+const maxSharedEntry = 1 + 1 + 4*8 + 1 + maxIDLen + 1 + maxIDLen + 2 + maxScopesHeader + tagLen
 
-// sealEntry encodes e for digest k, format 1:
+// sealEntry encodes e for digest k, format 2:
 //
-//	version(1) outcome(1) fresh(8) stale(8) expires(8)      unix ns, little endian
+//	format(1) outcome(1) fresh(8) stale(8) expires(8)       unix ns, little endian
+//	key version(8)                                          little endian
 //	len(1) key id, len(1) tenant id, len(2) scopes header   joined with commas
 //	tag(32)
 //
@@ -128,17 +130,18 @@ func (s *SharedSealer) sealEntry(k *Digest, e *sharedEntry) ([]byte, bool) {
 	if !e.valid() {
 		return nil, false
 	}
-	b := appendEntry(make([]byte, 0, 1+1+24+1+len(e.keyID)+1+len(e.tenant)+2+len(e.scopesHeader)+tagLen), e)
+	b := appendEntry(make([]byte, 0, 1+1+32+1+len(e.keyID)+1+len(e.tenant)+2+len(e.scopesHeader)+tagLen), e)
 	t := s.tag(0, s.entryHdr, k, b)
 	return append(b, t[:]...), true
 }
 
-// appendEntry encodes e's fields in format 1, unchecked.
+// appendEntry encodes e's fields in format 2, unchecked.
 func appendEntry(b []byte, e *sharedEntry) []byte {
-	b = append(b, entryV1, byte(e.outcome))
+	b = append(b, entryV2, byte(e.outcome))
 	b = binary.LittleEndian.AppendUint64(b, uint64(e.fresh))
 	b = binary.LittleEndian.AppendUint64(b, uint64(e.stale))
 	b = binary.LittleEndian.AppendUint64(b, uint64(e.expires))
+	b = binary.LittleEndian.AppendUint64(b, uint64(e.version))
 	b = append(b, byte(len(e.keyID)))
 	b = append(b, e.keyID...)
 	b = append(b, byte(len(e.tenant)))
@@ -159,12 +162,13 @@ func (s *SharedSealer) openEntry(k *Digest, v []byte) (sharedEntry, error) {
 	if !ok {
 		return sharedEntry{}, errSealForged
 	}
-	if b[0] != entryV1 {
+	if b[0] != entryV2 {
 		return sharedEntry{}, errSealVersion
 	}
 	r := reader{b: b[1:]}
 	e := sharedEntry{outcome: Outcome(r.byte())}
 	e.fresh, e.stale, e.expires = int64(r.uint64()), int64(r.uint64()), int64(r.uint64())
+	e.version = int64(r.uint64())
 	e.keyID = r.string(int(r.byte()))
 	e.tenant = r.string(int(r.byte()))
 	e.scopesHeader = r.string(int(r.uint16()))

@@ -144,7 +144,7 @@ func TestSharedEntryRejectedOrSkipped(t *testing.T) {
 	f := newFixture(t, Options{Shared: shared})
 	f.addPair("k1", "acme")
 	k := f.h.Digest(testPair)
-	newer := sealRaw(f.a.seal, &k, []byte{entryV1 + 1, 1, 2, 3})
+	newer := sealRaw(f.a.seal, &k, []byte{entryV2 + 1, 1, 2, 3})
 	shared.put(k, "", newer)
 	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testPair)); err != nil {
 		t.Fatal(err)
@@ -226,7 +226,7 @@ func FuzzSharedEntry(f *testing.F) {
 		f.Add(rawEntry(e), true)
 	}
 	f.Add([]byte(`{"o":1,"t":"victim","s":["admin"]}`), false)
-	f.Add([]byte{entryV1}, true)
+	f.Add([]byte{entryV2}, true)
 	f.Fuzz(func(t *testing.T, v []byte, seal bool) {
 		if seal {
 			v = sealRaw(s, &k, v)

@@ -73,11 +73,14 @@ type sharedEntry struct {
 	scopesHeader string
 	expires      int64 // key expiry; 0: never
 	fresh, stale int64
+	// version is the key's version (Key.Version) the decision was made
+	// of; 0 for an unknown credential.
+	version int64
 }
 
-func (d *decision) shared(fresh, stale int64) sharedEntry {
+func (d *decision) shared(version, fresh, stale int64) sharedEntry {
 	r := d.result()
-	e := sharedEntry{outcome: d.outcome, keyID: r.KeyID, tenant: r.TenantID, fresh: fresh, stale: stale}
+	e := sharedEntry{outcome: d.outcome, keyID: r.KeyID, tenant: r.TenantID, fresh: fresh, stale: stale, version: version}
 	if d.outcome == OutcomeAllow {
 		e.scopesHeader, e.expires = r.ScopesHeader, r.expires
 	}
@@ -95,12 +98,12 @@ func (e *sharedEntry) decision() *decision {
 // its kind (a tenant id and scopes reach response headers) and bounded in
 // length (they are interned for the life of the process).
 func (e *sharedEntry) valid() bool {
-	if e.fresh <= 0 || e.stale < e.fresh || e.expires < 0 {
+	if e.fresh <= 0 || e.stale < e.fresh || e.expires < 0 || e.version < 0 {
 		return false
 	}
 	switch e.outcome {
 	case OutcomeUnknown:
-		return e.keyID == "" && e.tenant == "" && e.scopesHeader == "" && e.expires == 0
+		return e.keyID == "" && e.tenant == "" && e.scopesHeader == "" && e.expires == 0 && e.version == 0
 	case OutcomeRevoked, OutcomeExpired:
 		if e.scopesHeader != "" || e.expires != 0 {
 			return false

@@ -3,6 +3,7 @@ package tokens
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -231,10 +232,80 @@ func TestLateSharedWriteFromAnotherReplicaIsIgnored(t *testing.T) {
 	if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) {
 		t.Fatalf("err = %v, want ErrRevoked from the store, not the late shared allow", err)
 	}
-	// Once the window has passed, shared entries of the key are used again
-	// (by then the writer has deleted its late write).
-	f.clock.Add(f.a.tombWindow + time.Second)
-	if f.a.tombstoned("k1", f.clock.Now()) {
-		t.Fatal("tombstone outlived its window")
+}
+
+// Shared entries carry the key's version. An entry made of a key state
+// older than a change the replica heard of is never adopted, however long
+// after the change it is read and whoever put it back: a Redis that
+// missed the delete (down during the revocation), or a Redis writer
+// replaying a copy it saved. Entries made after the change are adopted.
+func TestSharedEntryOlderThanAKnownChangeIsNeverAdopted(t *testing.T) {
+	t.Parallel()
+	shared := newFakeShared()
+	o := Options{Shared: shared, TTL: time.Hour, MaxStale: time.Hour}
+	f := newFixture(t, o)
+	f.addPair("k1", "acme")
+	cred := mustParse(t, testPair)
+	k := f.h.Digest(testPair)
+	entry := func(version int64, outcome Outcome) []byte {
+		now := f.clock.Now()
+		e := sharedEntry{outcome: outcome, keyID: "k1", tenant: "acme", version: version,
+			fresh: now.Add(time.Hour).UnixNano(), stale: now.Add(2 * time.Hour).UnixNano()}
+		v, _ := f.a.seal.sealEntry(&k, &e)
+		return v
+	}
+	saved := entry(10, OutcomeAllow) // an honest allow of the key at version 10
+	f.store.update(func() {
+		f.store.byPublic[testPublic].RevokedAt = f.clock.Now()
+		f.store.byPublic[testPublic].Version = 11
+	})
+	f.a.Apply(context.Background(), Change{KeyIDs: []string{"k1"}, Seqs: []int64{11}})
+	for _, after := range []time.Duration{0, 3 * time.Second, 30 * time.Minute, 2 * time.Hour} {
+		f.clock.Add(after)
+		f.a.Cache().dropWhere(func(*decision) bool { return true })
+		shared.put(k, "k1", saved)
+		if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) {
+			t.Fatalf("%v after the change: %v, want ErrRevoked from the store, not the saved allow", after, err)
+		}
+	}
+	if f.a.Stats().SharedOutdated.Load() == 0 {
+		t.Fatal("outdated entries not counted")
+	}
+	// An entry made at or after the change is adopted.
+	f.a.Cache().dropWhere(func(*decision) bool { return true })
+	shared.put(k, "k1", entry(11, OutcomeRevoked))
+	lookups := f.store.lookups.Load()
+	if _, err := f.a.Authenticate(context.Background(), cred); !errors.Is(err, ErrRevoked) || f.store.lookups.Load() != lookups {
+		t.Fatalf("entry of the current version: %v, %d lookups; want ErrRevoked from the shared tier", err, f.store.lookups.Load()-lookups)
+	}
+
+	// A TRUNCATE (or changes missed for good) raises the floor: entries
+	// read before it are refused, whatever their key.
+	f2 := newFixture(t, o)
+	f2.addPair("k1", "acme")
+	shared.put(k, "k1", entry(10, OutcomeAllow))
+	f2.a.Apply(context.Background(), Change{All: true, Floor: 12})
+	if _, err := f2.a.Authenticate(context.Background(), cred); err != nil || f2.a.Stats().StoreLookups.Load() != 1 {
+		t.Fatalf("below the floor: %v with %d store lookups; want the store asked", err, f2.a.Stats().StoreLookups.Load())
+	}
+}
+
+// The memory of changes is bounded: past maxRemembered keys it folds into
+// the floor, which still refuses every entry it forgot.
+func TestRememberedChangesAreBounded(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Options{})
+	ids := make([]string, maxRemembered+1)
+	seqs := make([]int64, len(ids))
+	for i := range ids {
+		ids[i], seqs[i] = fmt.Sprint("k", i), int64(i+1)
+	}
+	f.a.remember(Change{KeyIDs: ids, Seqs: seqs})
+	if n := len(f.a.mem); n > maxRemembered {
+		t.Fatalf("%d remembered, want at most %d", n, maxRemembered)
+	}
+	e := sharedEntry{outcome: OutcomeAllow, keyID: "k7", tenant: "acme", version: 7, fresh: 1, stale: 1}
+	if f.a.adoptable(Digest{}, &e, 0) {
+		t.Fatal("an entry older than a forgotten change was adopted")
 	}
 }

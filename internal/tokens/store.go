@@ -35,7 +35,8 @@ type Store interface {
 	// that no longer exist are ignored.
 	RecordUsage(ctx context.Context, usage []Usage) error
 	// Watch calls fn for every change made to the store by anyone, until
-	// ctx ends. A store that lost track of changes reports All.
+	// ctx ends. A store that lost track of changes catches up on them
+	// (Recovered) or, when it cannot, reports All.
 	Watch(ctx context.Context, fn func(Change)) error
 	Close() error
 }
@@ -50,9 +51,22 @@ type Usage struct {
 // Change names what a store change may have made stale.
 type Change struct {
 	KeyIDs []string // keys revoked, deleted or modified
-	Tenant string   // every key of this tenant
-	Added  bool     // keys were created: cached "unknown" denials are stale
-	All    bool     // the store cannot say: drop everything
+	// Seqs, when set, has one entry per KeyIDs: the store's change sequence
+	// of that key's change (see Key.Version). Shared entries of the key
+	// read before it are never adopted after it.
+	Seqs   []int64
+	Tenant string // every key of this tenant
+	Added  bool   // keys were created: cached "unknown" denials are stale
+	All    bool   // the store cannot say: drop everything
+	// Floor, with All: no shared entry read before this change sequence
+	// is adopted (a TRUNCATE, or changes missed that could not be caught
+	// up on).
+	Floor int64
+	// Recovered: learned by catching up after the notifications were
+	// interrupted, or from the store's history at start, rather than as it
+	// happened. The shared tier is not touched: its entries older than
+	// the change are refused by version.
+	Recovered bool
 
 	Source string    // "postgres", "file" or "redis", for the lag metric
 	SentAt time.Time // when the change was made or sent; zero if unknown
@@ -63,8 +77,9 @@ type Change struct {
 // change it hears of, so a shared entry written by a replica that had not
 // heard yet is deleted by that replica when it does.
 func (a *Authenticator) Apply(ctx context.Context, c Change) int {
+	a.remember(c)
 	n := a.applyLocal(c)
-	if len(c.KeyIDs) > 0 && a.opts.Shared != nil {
+	if len(c.KeyIDs) > 0 && a.opts.Shared != nil && !c.Recovered {
 		sctx, cancel := context.WithTimeout(ctx, 4*a.opts.SharedTimeout)
 		defer cancel()
 		if err := a.opts.Shared.Forget(sctx, c.KeyIDs); err != nil {

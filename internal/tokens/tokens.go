@@ -95,6 +95,13 @@ type Key struct {
 
 	LastUsedAt   time.Time // zero: never used
 	RequestCount int64
+
+	// Version orders the key's states: the store's change sequence as of
+	// the read (Postgres: the row's version, set from one sequence by every
+	// change; file store: the key file's modification time). A shared
+	// entry is stamped with it, and a replica that knows of a later change
+	// of the key never adopts the entry. 0: the store does not say.
+	Version int64
 }
 
 // Status is "active", "revoked" or "expired" at now.
