@@ -1,14 +1,15 @@
 package testsvc
 
 import (
-	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
 // Proxy forwards TCP connections to a target and can cut them all and
-// refuse new ones, to simulate an outage of the server behind it.
+// refuse new ones, to simulate an outage of the server behind it, or
+// freeze the open ones, to simulate a half-open connection.
 type Proxy struct {
 	target  string
 	lis     net.Listener
@@ -16,6 +17,13 @@ type Proxy struct {
 	down    bool
 	stalled bool // accept, then hold connections without forwarding
 	conns   map[net.Conn]struct{}
+	links   map[*link]struct{}
+}
+
+// link is one forwarded connection.
+type link struct {
+	in, out net.Conn
+	frozen  atomic.Bool
 }
 
 // NewProxy listens on a loopback port and forwards to target until the
@@ -26,7 +34,7 @@ func NewProxy(t testing.TB, target string) *Proxy {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &Proxy{target: target, lis: lis, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{target: target, lis: lis, conns: map[net.Conn]struct{}{}, links: map[*link]struct{}{}}
 	go p.serve()
 	t.Cleanup(func() { lis.Close(); p.Cut() })
 	return p
@@ -53,6 +61,20 @@ func (p *Proxy) Stall() {
 	p.mu.Lock()
 	p.down, p.stalled = false, true
 	p.mu.Unlock()
+}
+
+// Freeze stops forwarding on every open connection without closing it:
+// bytes sent either way vanish, as on a connection a NAT or a load
+// balancer forgot, or across a failover without a reset. Neither end
+// notices until it expects an answer. New connections are forwarded as
+// usual.
+func (p *Proxy) Freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for l := range p.links {
+		l.frozen.Store(true)
+		delete(p.links, l)
+	}
 }
 
 // Restore forwards connections again.
@@ -98,7 +120,29 @@ func (p *Proxy) serve() {
 			}
 			continue
 		}
-		go func() { io.Copy(out, in); out.Close(); in.Close() }()
-		go func() { io.Copy(in, out); in.Close(); out.Close() }()
+		l := &link{in: in, out: out}
+		p.mu.Lock()
+		p.links[l] = struct{}{}
+		p.mu.Unlock()
+		go l.pipe(out, in)
+		go l.pipe(in, out)
+	}
+}
+
+// pipe copies src to dst until either ends, dropping what it reads once
+// the link is frozen.
+func (l *link) pipe(dst, src net.Conn) {
+	defer func() { src.Close(); dst.Close() }()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 && !l.frozen.Load() {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
 	}
 }

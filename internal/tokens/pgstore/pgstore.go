@@ -6,7 +6,6 @@ package pgstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -34,6 +33,10 @@ type Store struct {
 	// usageRetries counts usage writes retried after a deadlock or a
 	// serialization failure.
 	usageRetries atomic.Uint64
+
+	history   atomic.Int64 // nanoseconds of change log Watch reads at start
+	listening atomic.Bool
+	lastPrune atomic.Int64 // unix nanoseconds
 }
 
 var _ tokens.Store = (*Store)(nil)
@@ -81,7 +84,7 @@ func (s *Store) Ping(ctx context.Context) error {
 }
 
 const keyColumns = `id::text, tenant_id, name, kind, public_key, digest, pepper_id, scopes,
-	created_at, expires_at, revoked_at, last_used_at, request_count`
+	created_at, expires_at, revoked_at, last_used_at, request_count, version`
 
 func scanKey(row pgx.Row) (*tokens.Key, error) {
 	var (
@@ -91,7 +94,7 @@ func scanKey(row pgx.Row) (*tokens.Key, error) {
 		expires, revoked, usedAt *time.Time
 	)
 	err := row.Scan(&k.ID, &k.TenantID, &k.Name, &kind, &public, &k.Digest, &k.PepperID, &k.Scopes,
-		&k.CreatedAt, &expires, &revoked, &usedAt, &k.RequestCount)
+		&k.CreatedAt, &expires, &revoked, &usedAt, &k.RequestCount, &k.Version)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return nil, tokens.ErrNotFound
 	}
@@ -376,73 +379,3 @@ func isUndefinedTable(err error) bool {
 	return errors.As(err, &pe) && (pe.Code == "42P01" || pe.Code == "3F000")
 }
 
-// Watch LISTENs on Channel over a dedicated connection. When the
-// connection drops it reconnects with backoff, and reports All once it is
-// back, since what changed in between is unknown.
-func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
-	backoff := 100 * time.Millisecond
-	lost := false
-	for {
-		err := s.listen(ctx, fn, func() {
-			backoff = 100 * time.Millisecond
-			if lost {
-				fn(tokens.Change{All: true})
-			}
-		})
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		lost = true
-		s.log.Warn("key change notifications interrupted; reconnecting", zap.Error(err), zap.Duration("backoff", backoff))
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(backoff):
-		}
-		backoff = min(2*backoff, 5*time.Second)
-	}
-}
-
-func (s *Store) listen(ctx context.Context, fn func(tokens.Change), connected func()) error {
-	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig.Copy())
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.WithoutCancel(ctx))
-	if _, err := conn.Exec(ctx, "LISTEN "+Channel); err != nil {
-		return err
-	}
-	connected()
-	for {
-		n, err := conn.WaitForNotification(ctx)
-		if err != nil {
-			return err
-		}
-		fn(parseNotification(n.Payload))
-	}
-}
-
-// parseNotification reads the trigger's payload. Anything unreadable is
-// treated as "everything may have changed".
-func parseNotification(payload string) tokens.Change {
-	var p struct {
-		Op, ID, Tenant string
-		SentUS         int64 `json:"sent_us"` // from migration 2 on
-	}
-	if err := json.Unmarshal([]byte(payload), &p); err != nil {
-		return tokens.Change{All: true, Source: "postgres"}
-	}
-	c := tokens.Change{All: true, Source: "postgres"}
-	switch p.Op {
-	case "insert":
-		c = tokens.Change{Added: true, Source: "postgres"}
-	case "update", "delete":
-		if p.ID != "" {
-			c = tokens.Change{KeyIDs: []string{p.ID}, Source: "postgres"}
-		}
-	}
-	if p.SentUS > 0 {
-		c.SentAt = time.UnixMicro(p.SentUS)
-	}
-	return c
-}

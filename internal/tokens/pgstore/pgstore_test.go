@@ -3,8 +3,12 @@ package pgstore
 import (
 	"context"
 	"errors"
+	"net/url"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 
 	"go.uber.org/zap/zaptest"
 
@@ -78,8 +82,12 @@ func TestWatchSeesDirectSQL(t *testing.T) {
 	changes := make(chan tokens.Change, 10)
 	wctx, stop := context.WithCancel(ctx)
 	defer stop()
-	go s.Watch(wctx, func(c tokens.Change) { changes <- c })
-	time.Sleep(300 * time.Millisecond)
+	go s.Watch(wctx, func(c tokens.Change) {
+		if !c.Recovered {
+			changes <- c
+		}
+	})
+	waitListening(t, s)
 
 	for _, stmt := range []string{
 		`UPDATE extauthz.keys SET expires_at = now() WHERE id = $1`,
@@ -91,9 +99,10 @@ func TestWatchSeesDirectSQL(t *testing.T) {
 		}
 		select {
 		case c := <-changes:
-			if len(c.KeyIDs) != 1 || c.KeyIDs[0] != k.ID {
-				t.Fatalf("%s: change %+v", stmt, c)
+			if len(c.KeyIDs) != 1 || c.KeyIDs[0] != k.ID || len(c.Seqs) != 1 || c.Seqs[0] <= k.Version {
+				t.Fatalf("%s: change %+v, want key %s at a version above %d", stmt, c, k.ID, k.Version)
 			}
+			k.Version = c.Seqs[0]
 		case <-time.After(time.Second):
 			t.Fatalf("%s: no notification within a second", stmt)
 		}
@@ -103,8 +112,8 @@ func TestWatchSeesDirectSQL(t *testing.T) {
 	}
 	select {
 	case c := <-changes:
-		if !c.All {
-			t.Fatalf("truncate: change %+v, want All", c)
+		if !c.All || c.Floor <= k.Version {
+			t.Fatalf("truncate: change %+v, want All with a floor above %d", c, k.Version)
 		}
 	case <-time.After(time.Second):
 		t.Fatal("truncate: no notification")
@@ -125,14 +134,142 @@ func TestRejectsBadRows(t *testing.T) {
 
 func TestParseNotification(t *testing.T) {
 	for payload, want := range map[string]tokens.Change{
-		`{"op":"insert","id":"a","tenant":"t"}`: {Added: true},
-		`{"op":"delete","id":"a","tenant":"t"}`: {KeyIDs: []string{"a"}},
-		`{"op":"truncate"}`:                     {All: true},
-		`garbage`:                               {All: true},
+		`{"op":"insert","id":"a","tenant":"t","seq":3}`: {Added: true},
+		`{"op":"delete","id":"a","tenant":"t","seq":4}`: {KeyIDs: []string{"a"}, Seqs: []int64{4}},
+		`{"op":"truncate","seq":5}`:                     {All: true, Floor: 5},
 	} {
-		got := parseNotification(payload)
-		if got.Added != want.Added || got.All != want.All || len(got.KeyIDs) != len(want.KeyIDs) {
-			t.Errorf("%s: %+v, want %+v", payload, got, want)
+		got, err := parseNotification(payload)
+		if err != nil || got.Added != want.Added || got.All != want.All || got.Floor != want.Floor ||
+			len(got.KeyIDs) != len(want.KeyIDs) || len(got.Seqs) != len(want.Seqs) {
+			t.Errorf("%s: %+v %v, want %+v", payload, got, err, want)
 		}
+	}
+	// Anything else makes Watch reconnect and catch up from the log.
+	for _, payload := range []string{`garbage`, `{"op":"drop"}`, `{"op":"update"}`} {
+		if c, err := parseNotification(payload); err == nil {
+			t.Errorf("%s: %+v, want an error", payload, c)
+		}
+	}
+}
+
+func waitListening(t *testing.T, s *Store) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !s.Listening() {
+		if time.Now().After(deadline) {
+			t.Fatal("not listening after 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// A LISTEN connection that goes silent (half-open: nothing is closed, no
+// byte arrives) is found dead by its heartbeat and replaced, and what
+// changed meanwhile, a revocation and a delete in plain SQL, is caught up
+// from the change log.
+func TestWatchCatchesUpAfterAFrozenConnection(t *testing.T) {
+	direct, dsn := newStore(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	revoked, deleted := storetest.NewKey(t, "acme", tokens.KindPair), storetest.NewKey(t, "acme", tokens.KindPair)
+	for _, k := range []*tokens.Key{revoked, deleted} {
+		if err := direct.Create(ctx, k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	proxy := testsvc.NewProxy(t, "127.0.0.1:5432")
+	u, _ := url.Parse(dsn)
+	u.Host = proxy.Addr()
+	s, err := Open(ctx, u.String(), zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var mu sync.Mutex
+	seen := map[string]int64{}
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go s.Watch(wctx, func(c tokens.Change) {
+		mu.Lock()
+		defer mu.Unlock()
+		for i, id := range c.KeyIDs {
+			if i < len(c.Seqs) {
+				seen[id] = max(seen[id], c.Seqs[i])
+			}
+		}
+	})
+	waitListening(t, s)
+	proxy.Freeze()
+	if _, err := direct.Pool().Exec(ctx, `UPDATE extauthz.keys SET revoked_at = now() WHERE id = $1`, revoked.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := direct.Pool().Exec(ctx, `DELETE FROM extauthz.keys WHERE id = $1`, deleted.ID); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		mu.Lock()
+		done := seen[revoked.ID] > 0 && seen[deleted.ID] > 0
+		mu.Unlock()
+		if done {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("changes made while the LISTEN connection was frozen never reported")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	waitListening(t, s)
+}
+
+// migrate upgrades a database of an earlier release: its keys get
+// versions, and changes from then on are logged.
+func TestMigrateUpgradesVersion2(t *testing.T) {
+	dsn := testsvc.NewDatabase(t)
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	ms, err := migrations()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Exec(ctx, `CREATE SCHEMA extauthz; CREATE TABLE extauthz.schema_migrations (
+		version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms[:2] {
+		if _, err := conn.Exec(ctx, m.sql); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := conn.Exec(ctx, `INSERT INTO extauthz.schema_migrations (version, name) VALUES ($1, $2)`, m.version, m.name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO extauthz.keys (id, tenant_id, kind, digest, pepper_id)
+		VALUES ('00000000-0000-4000-8000-000000000001', 'acme', 'token', decode(repeat('ab', 32), 'hex'), 'k1')`); err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(ctx, dsn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if applied, err := Migrate(ctx, s.Pool()); err != nil || len(applied) != LatestVersion()-2 {
+		t.Fatalf("upgrade applied %v, %v", applied, err)
+	}
+	var v1, v2, logged int64
+	if err := conn.QueryRow(ctx, `SELECT version FROM extauthz.keys`).Scan(&v1); err != nil || v1 <= 0 {
+		t.Fatalf("existing key's version %d, %v; want one from the sequence", v1, err)
+	}
+	if err := s.Revoke(ctx, "00000000-0000-4000-8000-000000000001", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if err := conn.QueryRow(ctx, `SELECT version, (SELECT count(*) FROM extauthz.key_changes WHERE seq = version) FROM extauthz.keys`).Scan(&v2, &logged); err != nil {
+		t.Fatal(err)
+	}
+	if v2 <= v1 || logged != 1 {
+		t.Fatalf("after a revoke: version %d (was %d), logged %d; want a higher version, logged once", v2, v1, logged)
 	}
 }
