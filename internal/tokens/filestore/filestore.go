@@ -82,6 +82,15 @@ func Open(path string, o Options) (*Store, error) {
 	return s, nil
 }
 
+// version is the file's modification time in unix nanoseconds; 0 when
+// there is no file.
+func (st stamp) version() int64 {
+	if !st.exists {
+		return 0
+	}
+	return st.mtime.UnixNano()
+}
+
 func statOf(path string) (stamp, error) {
 	fi, err := os.Stat(path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -122,10 +131,15 @@ func (s *Store) reloadLocked() error {
 	return nil
 }
 
+// newSnapshot indexes keys read from a file of stamp st. Every key's
+// version is the file's modification time, which every write advances
+// (see update): a key read from a later file is at least as recent as any
+// change the watcher reported before.
 func newSnapshot(st stamp, keys []*tokens.Key) *snapshot {
 	sn := &snapshot{stamp: st, keys: keys, byID: map[string]*tokens.Key{},
 		byPublic: map[string]*tokens.Key{}, byDigest: map[string]*tokens.Key{}}
 	for _, k := range keys {
+		k.Version = st.version()
 		sn.byID[k.ID] = k
 		if k.Kind == tokens.KindPair {
 			sn.byPublic[k.PublicKey] = k
@@ -355,6 +369,10 @@ func diff(old, cur *snapshot) (tokens.Change, bool) {
 		}
 	}
 	c.Source, c.SentAt = "file", cur.stamp.mtime
+	c.Seqs = make([]int64, len(c.KeyIDs))
+	for i := range c.Seqs {
+		c.Seqs[i] = cur.stamp.version()
+	}
 	return c, c.Added || len(c.KeyIDs) > 0
 }
 
@@ -385,7 +403,7 @@ func (s *Store) update(fn func([]*tokens.Key) ([]*tokens.Key, error)) error {
 	}
 	defer syscall.Flock(int(lf.Fd()), syscall.LOCK_UN)
 
-	_, keys, err := readFile(s.path)
+	prev, keys, err := readFile(s.path)
 	if err != nil {
 		return err
 	}
@@ -393,7 +411,7 @@ func (s *Store) update(fn func([]*tokens.Key) ([]*tokens.Key, error)) error {
 	if err != nil {
 		return err
 	}
-	if err := writeFile(s.path, keys); err != nil {
+	if err := writeFile(s.path, keys, prev.mtime); err != nil {
 		return err
 	}
 	return s.reloadLocked()
@@ -493,7 +511,11 @@ func decode(b []byte) ([]*tokens.Key, error) {
 	return keys, nil
 }
 
-func writeFile(path string, keys []*tokens.Key) error {
+// writeFile replaces the key file with keys. Its modification time is
+// later than after, the replaced file's: file timestamps are coarse (a
+// clock tick), and two writes within one must still be told apart, since
+// keys take their version from it.
+func writeFile(path string, keys []*tokens.Key, after time.Time) error {
 	fd := fileData{Version: fileVersion, Keys: make([]fileKey, 0, len(keys))}
 	for _, k := range keys {
 		scopes := k.Scopes
@@ -511,12 +533,18 @@ func writeFile(path string, keys []*tokens.Key) error {
 	if err != nil {
 		return fmt.Errorf("filestore: %w", err)
 	}
-	return WriteAtomic(path, append(b, '\n'), 0o600)
+	return writeAtomic(path, append(b, '\n'), 0o600, after)
 }
 
 // WriteAtomic replaces path with data: readers see the old file or the new
 // one, never a part, and a crash leaves one of the two.
 func WriteAtomic(path string, data []byte, mode os.FileMode) error {
+	return writeAtomic(path, data, mode, time.Time{})
+}
+
+// writeAtomic is WriteAtomic giving the file a modification time later
+// than after.
+func writeAtomic(path string, data []byte, mode os.FileMode, after time.Time) error {
 	dir := filepath.Dir(path)
 	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
 	if err != nil {
@@ -537,6 +565,14 @@ func WriteAtomic(path string, data []byte, mode os.FileMode) error {
 	}
 	if err := tmp.Close(); err != nil {
 		return fmt.Errorf("filestore: %w", err)
+	}
+	if !after.IsZero() {
+		if fi, err := os.Stat(tmp.Name()); err == nil && !fi.ModTime().After(after) {
+			t := after.Add(time.Microsecond)
+			if err := os.Chtimes(tmp.Name(), t, t); err != nil {
+				return fmt.Errorf("filestore: %w", err)
+			}
+		}
 	}
 	if err := os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("filestore: %w", err)
