@@ -80,6 +80,7 @@ func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder, busRejected fu
 	counter("extauthz_shared_cache_misses_total", "Misses the shared tier did not hold.", st.SharedMisses.Load)
 	counter("extauthz_shared_cache_errors_total", "Shared-tier calls that failed (checks went on without it).", st.SharedErrors.Load)
 	counter("extauthz_shared_cache_skipped_total", "Shared-tier calls skipped because it failed within the last second.", st.SharedSkipped.Load)
+	counter("extauthz_shared_cache_outdated_total", "Shared-tier entries not used because they were made of a key state older than a change this replica knows of (a revocation Redis missed, or an entry put back); each was deleted.", st.SharedOutdated.Load)
 	counter("extauthz_shared_cache_rejected_total", "Shared-tier entries not used because no replica of this deployment wrote them (forged, altered, copied to another key) or they hold invalid fields; each was deleted.", st.SharedRejected.Load)
 	if busRejected == nil {
 		busRejected = func() uint64 { return 0 }

@@ -241,10 +241,18 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 			lag.Observe(c.Source, time.Since(c.SentAt))
 		}
 		if c.All {
-			log.Warn("key change notifications were interrupted; dropped every cached decision", zap.String("source", c.Source), zap.Int("dropped", n))
+			log.Warn("every key may have changed (a TRUNCATE, or changes missed that the change log no longer holds); dropped every cached decision",
+				zap.String("source", c.Source), zap.Int("dropped", n))
+			return
+		}
+		if c.Recovered {
+			log.Info("caught up on key changes", zap.String("source", c.Source), zap.Int("changes", len(c.KeyIDs)), zap.Int("dropped", n))
 			return
 		}
 		log.Debug("keys changed", zap.String("source", c.Source), zap.Strings("key_ids", c.KeyIDs), zap.Bool("added", c.Added), zap.Int("dropped", n))
+	}
+	if pg, ok := store.(*pgstore.Store); ok {
+		pg.WatchHistory(auth.Remembers())
 	}
 	bg.Go(func() {
 		if err := store.Watch(bgCtx, apply); err != nil && !errors.Is(err, context.Canceled) {
@@ -376,10 +384,15 @@ func closeBounded(store tokens.Store, bound time.Duration, log *zap.Logger) {
 	}
 }
 
-// watchReadiness pings the store: not ready before the first success;
-// after it, ready, saying whether the store is reachable or checks are
-// being served from cache.
+// watchReadiness pings the store: not ready before the first success
+// (and, for a store whose changes are notified, before its watch has
+// caught up); after it, ready, saying whether the store is reachable and
+// its change notifications alive, or checks are being served from cache.
 func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, log *zap.Logger) {
+	listening := func() bool { return true }
+	if l, ok := store.(interface{ Listening() bool }); ok {
+		listening = l.Listening
+	}
 	contacted := false
 	last := ""
 	for {
@@ -388,6 +401,10 @@ func watchReadiness(ctx context.Context, store tokens.Store, h *authz.Health, lo
 		cancel()
 		var state string
 		switch {
+		case err == nil && !listening() && contacted:
+			state = "degraded: key change notifications interrupted; reconnecting, then catching up"
+		case err == nil && !listening():
+			state = "not ready: key change notifications not established yet"
 		case err == nil:
 			contacted = true
 			state = "ok: key store reachable"

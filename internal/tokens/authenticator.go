@@ -123,6 +123,11 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 		mem: map[string]keyChange{}, memFor: o.TTL + o.MaxStale + rememberMargin, tombWindow: window, seal: o.SharedSealer}
 }
 
+// Remembers is how long a change must be remembered for a shared entry
+// written before it to be refused: the key store's watch reads that much
+// history at start.
+func (a *Authenticator) Remembers() time.Duration { return a.memFor }
+
 // Stats exposes the counters.
 func (a *Authenticator) Stats() *Stats { return &a.stats }
 

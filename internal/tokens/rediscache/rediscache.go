@@ -287,8 +287,11 @@ func (b *Bus) Publish(ctx context.Context, c tokens.Change) error {
 }
 
 // Subscribe calls fn for every change published, until ctx ends. go-redis
-// resubscribes after a lost connection; since changes published meanwhile
-// were missed, each resubscription is reported as All.
+// resubscribes after a lost connection. Changes published meanwhile are
+// not reported again: the bus only makes changes arrive sooner; every
+// change is in the key store, whose watch catches up on what it missed,
+// and shared entries older than a change are refused by version. So a
+// resubscription (a Redis blip, a failover) drops no cache.
 func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 	ps := b.rdb.Subscribe(ctx, b.channel)
 	defer ps.Close()
@@ -308,7 +311,7 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 			case *redis.Subscription:
 				if m.Kind == "subscribe" {
 					if subscribed {
-						fn(tokens.Change{All: true, Source: "redis"})
+						b.log.Info("invalidation channel resubscribed; the key store's watch covers what was published meanwhile")
 					}
 					subscribed = true
 				}

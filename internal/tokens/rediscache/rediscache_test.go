@@ -162,7 +162,8 @@ func TestBus(t *testing.T) {
 	if d := cmp.Diff([]string{"k1", "k2"}, c.KeyIDs); d != "" || c.SentAt.IsZero() || c.Source != "redis" {
 		t.Fatalf("received %+v", c)
 	}
-	// A dropped connection: after go-redis resubscribes, we hear "All".
+	// A dropped connection: go-redis resubscribes, changes arrive again,
+	// and nothing is reported that would drop a cache.
 	clients, err := rdb.ClientList(ctx).Result()
 	if err != nil {
 		t.Fatal(err)
@@ -180,13 +181,20 @@ func TestBus(t *testing.T) {
 	if killed != 1 {
 		t.Fatalf("killed %d subscriptions, want the bus's one", killed)
 	}
+	time.Sleep(50 * time.Millisecond) // let the kill land before counting subscribers
+	for rdb.PubSubNumSub(ctx, prefix+"invalidate").Val()[prefix+"invalidate"] == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := bus.Publish(ctx, tokens.Change{KeyIDs: []string{"k3"}}); err != nil {
+		t.Fatal(err)
+	}
 	select {
 	case c := <-got:
-		if !c.All {
-			t.Fatalf("after reconnect: %+v, want All", c)
+		if c.All || len(c.KeyIDs) != 1 || c.KeyIDs[0] != "k3" {
+			t.Fatalf("after reconnect: %+v, want the change published, and no All", c)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("no All after the subscription was killed")
+		t.Fatal("no change received after the subscription was killed")
 	}
 }
 
