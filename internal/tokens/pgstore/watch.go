@@ -152,6 +152,7 @@ func (s *Store) heartbeat(ctx context.Context, hb string) {
 		if err != nil && ctx.Err() == nil {
 			s.log.Debug("heartbeat not sent", zap.Error(err))
 		}
+		s.maybePrune(ctx)
 		select {
 		case <-ctx.Done():
 			return
@@ -183,9 +184,7 @@ func (s *Store) catchUp(ctx context.Context, conn *pgx.Conn, st *watchState, fn 
 	if !st.started {
 		since = now.Add(-history)
 	}
-	if time.Since(s.prunedAt()) > pruneEvery {
-		s.prune(ctx, now.Add(-max(minRetention, 2*history)))
-	}
+	s.maybePrune(ctx)
 	rows, err := conn.Query(ctx, `SELECT seq, key_id::text, op FROM extauthz.key_changes
 		WHERE at > $1 AND key_id IS NOT NULL ORDER BY seq`, since)
 	if err != nil {
@@ -227,14 +226,19 @@ func (s *Store) catchUp(ctx context.Context, conn *pgx.Conn, st *watchState, fn 
 	return nil
 }
 
-func (s *Store) prunedAt() time.Time { return time.Unix(0, s.lastPrune.Load()) }
-
-// prune deletes the log older than cutoff and records that it did.
-func (s *Store) prune(ctx context.Context, cutoff time.Time) {
-	s.lastPrune.Store(time.Now().UnixNano())
-	_, err := s.pool.Exec(ctx, `WITH gone AS (DELETE FROM extauthz.key_changes WHERE at < $1 RETURNING 1)
-		UPDATE extauthz.change_state SET pruned_at = GREATEST(pruned_at, $1)`, cutoff)
-	if err != nil {
+// maybePrune deletes the change log older than the retention (a day, or
+// twice the history if longer), at most once every pruneEvery, and
+// records how far it pruned.
+func (s *Store) maybePrune(ctx context.Context) {
+	last := s.lastPrune.Load()
+	if time.Since(time.Unix(0, last)) < pruneEvery || !s.lastPrune.CompareAndSwap(last, time.Now().UnixNano()) {
+		return
+	}
+	keep := max(minRetention, 2*time.Duration(s.history.Load()))
+	_, err := s.pool.Exec(ctx, `WITH cutoff AS (SELECT clock_timestamp() - make_interval(secs => $1) AS t),
+		gone AS (DELETE FROM extauthz.key_changes WHERE at < (SELECT t FROM cutoff) RETURNING 1)
+		UPDATE extauthz.change_state SET pruned_at = GREATEST(pruned_at, (SELECT t FROM cutoff))`, keep.Seconds())
+	if err != nil && ctx.Err() == nil {
 		s.log.Warn("key change log not pruned", zap.Error(err))
 	}
 }
