@@ -45,12 +45,9 @@ type keyChange struct {
 // the invalidation counter).
 func (a *Authenticator) remember(c Change) {
 	now := a.opts.Now().UnixNano()
-	if c.All {
-		if c.Floor > 0 {
-			a.raiseFloor(c.Floor)
-		} else {
-			a.tombAll.Store(now + int64(a.tombWindow))
-		}
+	a.raiseFloor(c.Floor)
+	if c.All && c.Floor == 0 {
+		a.tombAll.Store(now + int64(a.tombWindow))
 	}
 	if len(c.KeyIDs) == 0 {
 		return

@@ -58,9 +58,9 @@ type Change struct {
 	Tenant string // every key of this tenant
 	Added  bool   // keys were created: cached "unknown" denials are stale
 	All    bool   // the store cannot say: drop everything
-	// Floor, with All: no shared entry read before this change sequence
-	// is adopted (a TRUNCATE, or changes missed that could not be caught
-	// up on).
+	// Floor: no shared entry read before this change sequence is adopted
+	// from now on (with All: a TRUNCATE, or changes missed that could not
+	// be caught up on; alone: a store with no history, at start).
 	Floor int64
 	// Recovered: learned by catching up after the notifications were
 	// interrupted, or from the store's history at start, rather than as it
@@ -79,7 +79,7 @@ type Change struct {
 func (a *Authenticator) Apply(ctx context.Context, c Change) int {
 	a.remember(c)
 	n := a.applyLocal(c)
-	if len(c.KeyIDs) > 0 && a.opts.Shared != nil && !c.Recovered {
+	if len(c.KeyIDs) > 0 && a.opts.Shared != nil && !c.Recovered && a.sharedUp() {
 		sctx, cancel := context.WithTimeout(ctx, 4*a.opts.SharedTimeout)
 		defer cancel()
 		if err := a.opts.Shared.Forget(sctx, c.KeyIDs); err != nil {

@@ -326,10 +326,16 @@ func (s *Store) RecordUsage(_ context.Context, usage []tokens.Usage) error {
 // Watch polls the file and reports what changed, until ctx ends. It diffs
 // against the snapshot it last reported, whoever reloaded the file since:
 // lookups reload too, and must not swallow a change.
+//
+// The file keeps no history of changes: at start, Watch reports the
+// current file's version as a floor, so that no shared entry read from an
+// older file (before a change this process never saw) is adopted. Lookups
+// in the file cost no network round trip, so refusing them costs little.
 func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
 	t := time.NewTicker(s.opts.PollInterval)
 	defer t.Stop()
 	seen := s.snap.Load()
+	fn(tokens.Change{Floor: seen.stamp.version(), Recovered: true, Source: "file"})
 	for {
 		select {
 		case <-ctx.Done():

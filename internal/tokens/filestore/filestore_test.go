@@ -136,3 +136,28 @@ func TestLookupReloadDoesNotSwallowChange(t *testing.T) {
 		}
 	}
 }
+
+// The file keeps no history: Watch starts by reporting the file's version
+// as a floor, so shared entries read from an older file are refused.
+func TestWatchStartsWithAFloor(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "keys.json")
+	s := open(t, path)
+	k := storetest.NewKey(t, "acme", tokens.KindPair)
+	if err := s.Create(context.Background(), k); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := s.KeyByPublic(context.Background(), k.PublicKey)
+	changes := make(chan tokens.Change, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go s.Watch(ctx, func(c tokens.Change) {
+		select {
+		case changes <- c:
+		default:
+		}
+	})
+	if c := <-changes; c.Floor != got.Version || c.Floor == 0 || c.All {
+		t.Fatalf("first report %+v, want a floor at the file's version %d without All", c, got.Version)
+	}
+}
