@@ -30,14 +30,21 @@ func TestStoreSuite(t *testing.T) {
 	})
 }
 
-func TestFileHoldsNoSecretAndIsPrivate(t *testing.T) {
-	t.Parallel()
-	path := filepath.Join(t.TempDir(), "keys.json")
-	s := open(t, path)
-	k := storetest.NewKey(t, "acme", tokens.KindPair)
+// withKey opens a store in a new file holding one key.
+func withKey(t *testing.T) (s *Store, path string, k *tokens.Key) {
+	t.Helper()
+	path = filepath.Join(t.TempDir(), "keys.json")
+	s = open(t, path)
+	k = storetest.NewKey(t, "acme", tokens.KindPair)
 	if err := s.Create(context.Background(), k); err != nil {
 		t.Fatal(err)
 	}
+	return s, path, k
+}
+
+func TestFileHoldsNoSecretAndIsPrivate(t *testing.T) {
+	t.Parallel()
+	_, path, _ := withKey(t)
 	fi, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
@@ -141,12 +148,7 @@ func TestLookupReloadDoesNotSwallowChange(t *testing.T) {
 // as a floor, so shared entries read from an older file are refused.
 func TestWatchStartsWithAFloor(t *testing.T) {
 	t.Parallel()
-	path := filepath.Join(t.TempDir(), "keys.json")
-	s := open(t, path)
-	k := storetest.NewKey(t, "acme", tokens.KindPair)
-	if err := s.Create(context.Background(), k); err != nil {
-		t.Fatal(err)
-	}
+	s, _, k := withKey(t)
 	got, _ := s.KeyByPublic(context.Background(), k.PublicKey)
 	changes := make(chan tokens.Change, 1)
 	ctx, cancel := context.WithCancel(context.Background())
