@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"google.golang.org/grpc/codes"
 
 	"github.com/extauthz/extauthz/internal/testsvc"
 )
@@ -196,4 +197,30 @@ func TestTruncateIsNeverUndone(t *testing.T) {
 	restore()
 	r3 := startReplica(t, c.cli)
 	neverAllowed(t, "after TRUNCATE", cred, r1, r2, r3)
+}
+
+// Postgres down, then Redis down too, then Redis back first: the
+// resubscription drops nothing, so every check of a cached key is still
+// answered (issue 10 item 4: all of them failed for 2 s).
+func TestRedisReturnsFirstWhilePostgresIsDown(t *testing.T) {
+	c := newCluster(t, true)
+	_, cred := c.newKey("")
+	pg := testsvc.NewProxy(t, "127.0.0.1:5432")
+	rp := testsvc.NewProxy(t, strings.TrimPrefix(strings.TrimSuffix(testsvc.RedisURL(), "/0"), "redis://"))
+	r := startReplica(t, withEnv(c.cli, "EXTAUTHZ_STORE", proxiedDSN(t, c.dsn, pg.Addr()),
+		"EXTAUTHZ_REDIS_URL", "redis://"+rp.Addr()+"/0"))
+	check := checker(t, r.srv)
+	if code, ok := check(cred); code != codes.OK || !ok {
+		t.Fatal("fresh key denied")
+	}
+	pg.Cut()
+	rp.Cut()
+	rp.Restore()
+	eventually3s(t, "resubscribed", func() bool { return strings.Contains(r.srv.log.String(), "invalidation channel resubscribed") })
+	for range 200 {
+		if code, ok := check(cred); code != codes.OK || !ok {
+			t.Fatalf("cached key with Postgres down after Redis returned: %v, allowed %v", code, ok)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
