@@ -56,6 +56,9 @@ type Config struct {
 	// of one check.
 	MaxRequestBytes int
 	MaxHeaders      int
+	// StoreConcurrency bounds store lookups in flight; 0: the Postgres
+	// pool's size less one (unbounded for the file store).
+	StoreConcurrency int
 
 	CacheSize       int
 	CacheTTL        time.Duration
@@ -323,6 +326,7 @@ func loadConfigWith(lookup func(string) (string, bool), peppersRequired bool) (C
 	}
 	count("MAX_REQUEST_BYTES", &c.MaxRequestBytes, 16<<10, "a number of bytes, at least 16384")
 	count("MAX_HEADERS", &c.MaxHeaders, 16, "a number of header lines, at least 16")
+	count("STORE_CONCURRENCY", &c.StoreConcurrency, 0, "a number of lookups (0: the pool's size)")
 	if v, ok := get("FORWARDED_HEADERS"); ok {
 		if f, err := authz.ParseForwardedHeaders(v); err != nil {
 			bad("FORWARDED_HEADERS", "%v", err)

@@ -72,6 +72,7 @@ func newMetrics(a *tokens.Authenticator, u *tokens.UsageRecorder, busRejected fu
 	counter("extauthz_cache_invalidations_total", "Cached decisions dropped because their key changed.", st.Invalidated.Load)
 	counter("extauthz_store_lookups_total", "Key store lookups (cache misses that reached the store).", st.StoreLookups.Load)
 	counter("extauthz_store_errors_total", "Key store lookups that failed.", st.StoreErrors.Load)
+	counter("extauthz_store_lookups_shed_total", "Cache misses not looked up because EXTAUTHZ_STORE_CONCURRENCY lookups were in flight (answered as an outage, or from a stale decision).", st.StoreShed.Load)
 	counter("extauthz_singleflight_shared_total", "Cache misses that joined a store lookup already in flight.", st.SharedLookups.Load)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "extauthz_cache_entries", Help: "Decisions held in the in-process cache.",

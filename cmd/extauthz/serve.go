@@ -117,7 +117,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 
 	topts := tokens.Options{
 		CacheSize: cfg.CacheSize, TTL: cfg.CacheTTL, NegativeTTL: cfg.NegativeTTL,
-		MaxStale: cfg.MaxStale, StoreTimeout: cfg.StoreTimeout, Logger: log.Named("tokens"),
+		MaxStale: cfg.MaxStale, StoreTimeout: cfg.StoreTimeout, MaxStoreLookups: cfg.StoreConcurrency, Logger: log.Named("tokens"),
 	}
 	var bus *rediscache.Bus
 	uopts := tokens.UsageOptions{Interval: cfg.UsageInterval, MaxPending: cfg.UsageMaxPending, Logger: log.Named("usage")}

@@ -38,8 +38,20 @@ type Options struct {
 	// SharedRetry is how long the shared tier is skipped after an error,
 	// so an outage costs one timeout a period, not one per miss. Default 1s.
 	SharedRetry time.Duration
-	Now         func() time.Time
-	Logger      *zap.Logger
+	// MaxStoreLookups bounds the store lookups in flight; a miss past it
+	// is shed at once (ErrUnavailable) instead of queueing for a
+	// connection until its deadline. 0: the store's own concurrency (a
+	// Postgres pool's size, see ConcurrencyLimiter), unbounded if it has
+	// none.
+	MaxStoreLookups int
+	Now             func() time.Time
+	Logger          *zap.Logger
+}
+
+// ConcurrencyLimiter is a store that can serve only so many lookups at
+// once (a connection pool): the default bound of store lookups in flight.
+type ConcurrencyLimiter interface {
+	LookupConcurrency() int
 }
 
 // Stats are cumulative counters, safe to read at any time.
@@ -47,6 +59,7 @@ type Stats struct {
 	CacheHits, CacheNegativeHits, CacheMisses atomic.Uint64
 	StaleServed                               atomic.Uint64
 	StoreLookups, StoreErrors                 atomic.Uint64
+	StoreShed                                 atomic.Uint64 // misses not looked up: MaxStoreLookups in flight
 	SharedLookups                             atomic.Uint64 // misses answered by another caller's lookup
 	Invalidated                               atomic.Uint64 // cache entries dropped by invalidation
 	SharedHits, SharedMisses, SharedErrors    atomic.Uint64
@@ -60,13 +73,15 @@ type Stats struct {
 // in-process cache, and on a miss one store lookup shared by every
 // concurrent request for the same credential.
 type Authenticator struct {
-	hasher  *Hasher
-	store   Finder
-	cache   *Cache
-	flights singleflight.Group
-	opts    Options
-	log     *zap.Logger
-	stats   Stats
+	hasher *Hasher
+	store  Finder
+	cache  *Cache
+	// lookupSlots bounds the store lookups in flight; nil: unbounded.
+	lookupSlots chan struct{}
+	flights     singleflight.Group
+	opts        Options
+	log         *zap.Logger
+	stats       Stats
 	// invalidations counts invalidations. A lookup that overlapped one
 	// must not leave its result cached: invalidators bump it before they
 	// delete, lookups re-check it after they write.
@@ -119,9 +134,23 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 	if o.SharedSealer == nil {
 		o.SharedSealer = h.SharedSealer("")
 	}
-	return &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,
+	if o.MaxStoreLookups <= 0 {
+		if l, ok := store.(ConcurrencyLimiter); ok {
+			o.MaxStoreLookups = l.LookupConcurrency()
+		}
+	}
+	a := &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,
 		mem: map[string]keyChange{}, memFor: o.TTL + o.MaxStale + rememberMargin, tombWindow: window, seal: o.SharedSealer}
+	if o.MaxStoreLookups > 0 {
+		a.lookupSlots = make(chan struct{}, o.MaxStoreLookups)
+	}
+	return a
 }
+
+// ErrOverloaded is a miss shed because MaxStoreLookups were in flight; it
+// wraps ErrUnavailable, so the check fails as an outage (or is answered
+// from a stale cached decision).
+var ErrOverloaded = fmt.Errorf("%w: store lookups at their bound; shed", ErrUnavailable)
 
 // Remembers is how long a change must be remembered for a shared entry
 // written before it to be refused: the key store's watch reads that much
@@ -248,6 +277,17 @@ func (a *Authenticator) resolve(ctx context.Context, k Digest, c Credential) (*d
 // lookup asks the store and judges the key it returns. version is the
 // key's (Key.Version), 0 for an unknown credential.
 func (a *Authenticator) lookup(ctx context.Context, c Credential, now time.Time) (*decision, int64, error) {
+	if a.lookupSlots != nil {
+		select {
+		case a.lookupSlots <- struct{}{}:
+			defer func() { <-a.lookupSlots }()
+		default:
+			// Queued, it would wait for a connection until its deadline,
+			// and under a flood every lookup would.
+			a.stats.StoreShed.Add(1)
+			return nil, 0, ErrOverloaded
+		}
+	}
 	a.stats.StoreLookups.Add(1)
 	var key *Key
 	var err error

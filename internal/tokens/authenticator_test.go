@@ -529,3 +529,38 @@ func BenchmarkAuthenticateHit(b *testing.B) {
 		}
 	}
 }
+
+// Store lookups past MaxStoreLookups in flight are shed at once, as an
+// outage (or a stale cached decision), never queued until their deadline;
+// the bound frees as lookups finish.
+func TestStoreLookupsBoundedAndShed(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, Options{MaxStoreLookups: 2, StoreTimeout: time.Minute})
+	gate := make(chan struct{})
+	f.store.gate = gate
+	junk := func(i int) Credential { return mustParse(t, fmt.Sprintf("legacy-token-%08d", i)) }
+	var wg sync.WaitGroup
+	for i := range 2 {
+		wg.Go(func() { f.a.Authenticate(context.Background(), junk(i)) })
+	}
+	for f.store.lookups.Load() < 2 {
+		time.Sleep(time.Millisecond)
+	}
+	start := time.Now()
+	_, err := f.a.Authenticate(context.Background(), junk(99))
+	if !errors.Is(err, ErrUnavailable) || !errors.Is(err, ErrOverloaded) {
+		t.Fatalf("third lookup with two in flight: %v, want shed (ErrOverloaded)", err)
+	}
+	// Shed at once: a real defect would wait for the gate (a minute).
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("shedding took %v", d)
+	}
+	if n := f.a.Stats().StoreShed.Load(); n != 1 {
+		t.Errorf("StoreShed = %d, want 1", n)
+	}
+	close(gate)
+	wg.Wait()
+	if _, err := f.a.Authenticate(context.Background(), junk(100)); !errors.Is(err, ErrUnknown) {
+		t.Errorf("after the lookups finished: %v, want a lookup (ErrUnknown)", err)
+	}
+}

@@ -131,6 +131,14 @@ func (s *Store) KeyByPublic(ctx context.Context, pk string) (*tokens.Key, error)
 	return scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE public_key = $1`, pk))
 }
 
+// LookupConcurrency implements tokens.ConcurrencyLimiter: the pool's
+// size (pool_max_conns), less one connection for the CLI-side work and
+// usage writes a replica also does, so lookups never wait for a
+// connection.
+func (s *Store) LookupConcurrency() int {
+	return max(1, int(s.pool.Config().MaxConns)-1)
+}
+
 // KeyByID implements tokens.Store.
 func (s *Store) KeyByID(ctx context.Context, id string) (*tokens.Key, error) {
 	k, err := scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE id = $1`, id))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/url"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -271,5 +272,26 @@ func TestMigrateUpgradesVersion2(t *testing.T) {
 	}
 	if v2 <= v1 || logged != 1 {
 		t.Fatalf("after a revoke: version %d (was %d), logged %d; want a higher version, logged once", v2, v1, logged)
+	}
+}
+
+// The default bound of lookups in flight is the pool's size less one, so
+// that a lookup never waits for a connection (the authenticator sheds
+// past it instead).
+func TestLookupConcurrencyFollowsThePool(t *testing.T) {
+	t.Parallel()
+	dsn := testsvc.NewDatabase(t)
+	sep := "?"
+	if strings.Contains(dsn, "?") {
+		sep = "&"
+	}
+	s, err := Open(context.Background(), dsn+sep+"pool_max_conns=6", zaptest.NewLogger(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var _ tokens.ConcurrencyLimiter = s
+	if n := s.LookupConcurrency(); n != 5 {
+		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want 5", n)
 	}
 }
