@@ -40,9 +40,8 @@ type Options struct {
 	SharedRetry time.Duration
 	// MaxStoreLookups bounds the store lookups in flight; a miss past it
 	// is shed at once (ErrUnavailable) instead of queueing for a
-	// connection until its deadline. 0: the store's own concurrency (a
-	// Postgres pool's size, see ConcurrencyLimiter), unbounded if it has
-	// none.
+	// connection until its deadline. 0: the store's own bound (see
+	// ConcurrencyLimiter), unbounded if it has none.
 	MaxStoreLookups int
 	Now             func() time.Time
 	Logger          *zap.Logger

@@ -275,9 +275,8 @@ func TestMigrateUpgradesVersion2(t *testing.T) {
 	}
 }
 
-// The default bound of lookups in flight is the pool's size less one, so
-// that a lookup never waits for a connection (the authenticator sheds
-// past it instead).
+// The default bound of lookups in flight follows the pool's size: what it
+// drains within the store timeout (the authenticator sheds past it).
 func TestLookupConcurrencyFollowsThePool(t *testing.T) {
 	t.Parallel()
 	dsn := testsvc.NewDatabase(t)
@@ -291,7 +290,7 @@ func TestLookupConcurrencyFollowsThePool(t *testing.T) {
 	}
 	defer s.Close()
 	var _ tokens.ConcurrencyLimiter = s
-	if n := s.LookupConcurrency(); n != 5 {
-		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want 5", n)
+	if n := s.LookupConcurrency(); n != 6*32 {
+		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want %d", n, 6*32)
 	}
 }
