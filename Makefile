@@ -33,9 +33,17 @@ run: build ## run the server on the embedded default (file store and pepper in .
 	./$(BIN) serve
 
 .PHONY: test
-test: ## vet, then every test with the race detector (Postgres/Redis tests need the local servers)
+test: ## vet, then every test with the race detector (Postgres/Redis tests need the local servers), then test-deploy
 	$(GO) vet $(PKGS)
 	$(GO) test -race -shuffle=on -count=1 $(PKGS)
+	$(MAKE) --no-print-directory test-deploy
+
+# A module of its own, so that kustomize stays out of the product's go.mod.
+DEPLOYTEST := deploy/kustomizetest
+
+.PHONY: test-deploy
+test-deploy: ## render k8s/base, k8s/tls, k8s/istio and an image overlay with kustomize's Go API, and check them
+	cd $(DEPLOYTEST) && $(GO) vet ./... && $(GO) test -count=1 ./...
 
 .PHONY: test-short
 test-short: ## tests without the race detector, quick
@@ -78,9 +86,10 @@ lint: ## gofmt, go vet and staticcheck
 	$(GO) run $(STATICCHECK) $(PKGS)
 
 .PHONY: tidy-check
-tidy-check: ## fail if go.mod/go.sum are not tidy
+tidy-check: ## fail if go.mod/go.sum (the product's and deploy/kustomizetest's) are not tidy
 	$(GO) mod tidy
-	git diff --exit-code go.mod go.sum
+	cd $(DEPLOYTEST) && $(GO) mod tidy
+	git diff --exit-code go.mod go.sum $(DEPLOYTEST)/go.mod $(DEPLOYTEST)/go.sum
 
 .PHONY: clean
 clean: ## remove build output
