@@ -33,10 +33,9 @@ run: build ## run the server on the embedded default (file store and pepper in .
 	./$(BIN) serve
 
 .PHONY: test
-test: ## vet, then every test with the race detector (Postgres/Redis tests need the local servers), then test-deploy
+test: test-deploy ## test-deploy (seconds), then vet and every test with the race detector (Postgres/Redis tests need the local servers)
 	$(GO) vet $(PKGS)
 	$(GO) test -race -shuffle=on -count=1 $(PKGS)
-	$(MAKE) --no-print-directory test-deploy
 
 # A module of its own, so that kustomize stays out of the product's go.mod.
 DEPLOYTEST := deploy/kustomizetest
