@@ -42,7 +42,11 @@ const (
 	ModeCluster  = "cluster"
 )
 
-// NewClient builds a client from a URL, parsed by go-redis:
+// NewClient builds a client from a URL, parsed by go-redis. Its calls end
+// at their context's deadline (ContextTimeoutEnabled): without it
+// go-redis waits out its own 3 s read timeout on a black-holed server,
+// which held checks past Envoy's deadline and the change watch past the
+// one-second revocation bound. URLs:
 //
 //	single:   redis[s]://[user:pass@]host:port[/db][?dial_timeout=1s...]
 //	sentinel: redis://[user:pass@]sentinel1:26379?master_name=mymaster&addr=sentinel2:26379
@@ -54,6 +58,7 @@ func NewClient(rawURL, mode string) (redis.UniversalClient, error) {
 		if err != nil {
 			return nil, scrub(err, rawURL)
 		}
+		o.ContextTimeoutEnabled = true
 		return redis.NewClient(o), nil
 	case ModeSentinel:
 		o, err := redis.ParseFailoverURL(rawURL)
@@ -64,6 +69,7 @@ func NewClient(rawURL, mode string) (redis.UniversalClient, error) {
 			return nil, errors.New("sentinel mode needs ?master_name=... in the URL")
 		}
 		o.TLSConfig = perHostTLS(o.TLSConfig)
+		o.ContextTimeoutEnabled = true
 		return redis.NewFailoverClient(o), nil
 	case ModeCluster:
 		o, err := redis.ParseClusterURL(rawURL)
@@ -71,6 +77,7 @@ func NewClient(rawURL, mode string) (redis.UniversalClient, error) {
 			return nil, scrub(err, rawURL)
 		}
 		o.TLSConfig = perHostTLS(o.TLSConfig)
+		o.ContextTimeoutEnabled = true
 		return redis.NewClusterClient(o), nil
 	}
 	return nil, fmt.Errorf("mode %q: want single, sentinel or cluster", mode)

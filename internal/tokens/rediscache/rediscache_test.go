@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"errors"
+	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -326,4 +327,42 @@ func TestACLUserSuffices(t *testing.T) {
 func aclCommands() []any {
 	return []any{"-@all", "+getrange", "+set", "+del", "+sadd", "+sscan", "+expire", "+publish", "+subscribe",
 		"+ping", "+hello", "+auth", "+client|setname", "+select", "+readonly", "+cluster|slots", "+cluster|shards"}
+}
+
+// A black-holed Redis (connections accepted, nothing answered) costs a
+// call its context's deadline, not go-redis's 3 s read timeout: checks
+// stay within Envoy's deadline and the change watch within a second.
+func TestBlackHoleEndsAtTheDeadline(t *testing.T) {
+	t.Parallel()
+	_, prefix := testsvc.NewRedis(t)
+	u, err := url.Parse(testsvc.RedisURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testsvc.NewProxy(t, u.Host)
+	u.Host = proxy.Addr()
+	for _, mode := range []string{ModeSingle, ModeCluster} {
+		rdb, err := NewClient(u.String(), mode)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer rdb.Close()
+		if mode == ModeCluster {
+			continue // needs a cluster to answer CLUSTER SLOTS; the option is set alike
+		}
+		c := New(rdb, prefix)
+		proxy.Stall()
+		ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+		start := time.Now()
+		_, err = c.Get(ctx, tokens.Digest{1})
+		cancel()
+		proxy.Restore()
+		if err == nil {
+			t.Fatalf("%s: a black-holed Get answered", mode)
+		}
+		// 2 s: what only a call that waits for the 3 s read timeout exceeds.
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("%s: a black-holed Get took %v with a 50ms deadline", mode, d)
+		}
+	}
 }
