@@ -90,7 +90,12 @@ type keysCmd struct {
 // deletes their shared entries. With Postgres the trigger's NOTIFY does
 // the same, so this is a second path, not the only one; a failure is a
 // warning, since the change itself is stored.
-func (c *keysCmd) notify(ctx context.Context, ids []string) {
+//
+// seqs, when known, are the changes' versions (one per id, 0: unknown):
+// a replica cut off from the key store then still refuses shared entries
+// written before the change, which a write-back racing this Forget can
+// put back; without them it relies on a two-second tombstone.
+func (c *keysCmd) notify(ctx context.Context, ids []string, seqs []int64) {
 	if c.bus == nil || len(ids) == 0 {
 		return
 	}
@@ -98,11 +103,28 @@ func (c *keysCmd) notify(ctx context.Context, ids []string) {
 	defer cancel()
 	err := c.shared.Forget(ctx, ids)
 	if err == nil {
-		err = c.bus.Publish(ctx, tokens.Change{KeyIDs: ids})
+		err = c.bus.Publish(ctx, tokens.Change{KeyIDs: ids, Seqs: seqs})
 	}
 	if err != nil {
 		fmt.Fprintf(c.env.stderr, "extauthz: warning: stored, but Redis could not be told (%v); replicas still learn through the key store\n", err)
 	}
+}
+
+// versions reads the keys' versions plus add, for notify; nil when Redis
+// is not configured or any is unknown (notify then sends none).
+func (c *keysCmd) versions(ctx context.Context, ids []string, add int64) []int64 {
+	if c.bus == nil {
+		return nil
+	}
+	out := make([]int64, len(ids))
+	for i, id := range ids {
+		k, err := c.store.KeyByID(ctx, id)
+		if err != nil || k.Version <= 0 {
+			return nil
+		}
+		out[i] = k.Version + add
+	}
+	return out
 }
 
 // keysUsage is `extauthz keys help`.
@@ -315,7 +337,7 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 			fmt.Fprintf(c.env.stderr, "extauthz: every key of tenant %s was already revoked\n", quoted(*tenant))
 			return nil
 		}
-		c.notify(ctx, ids)
+		c.notify(ctx, ids, c.versions(ctx, ids, 0))
 		for _, id := range ids {
 			if err := writeJSON(c.env.stdout, map[string]any{"id": id, "tenant_id": *tenant, "status": "revoked"}); err != nil {
 				return err
@@ -331,7 +353,7 @@ func keysRevoke(ctx context.Context, c *keysCmd, args []string) error {
 		}
 		return err
 	}
-	c.notify(ctx, rest[:1])
+	c.notify(ctx, rest[:1], c.versions(ctx, rest[:1], 0))
 	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "revoked"})
 }
 
@@ -344,13 +366,16 @@ func keysDelete(ctx context.Context, c *keysCmd, args []string) error {
 	if len(rest) == 0 {
 		return usagef("keys delete: give a key ID")
 	}
+	// Read before: once deleted, the key has no version. Every shared entry
+	// of it was read at that version or before.
+	seqs := c.versions(ctx, rest[:1], 1)
 	if err := c.store.Delete(ctx, rest[0]); err != nil {
 		if errors.Is(err, tokens.ErrNotFound) {
 			return fmt.Errorf("no key with id %s", quoted(rest[0]))
 		}
 		return err
 	}
-	c.notify(ctx, rest[:1])
+	c.notify(ctx, rest[:1], seqs)
 	return writeJSON(c.env.stdout, map[string]any{"id": rest[0], "status": "deleted"})
 }
 

@@ -15,6 +15,8 @@ import (
 	"github.com/jackc/pgx/v5"
 
 	"github.com/extauthz/extauthz/internal/testsvc"
+	"github.com/extauthz/extauthz/internal/tokens"
+	"github.com/extauthz/extauthz/internal/tokens/rediscache"
 )
 
 // cluster is a Postgres database, a Redis prefix and the CLI configured
@@ -273,4 +275,41 @@ func proxiedDSN(t *testing.T, dsn, proxy string) string {
 	}
 	u.Host = proxy
 	return fmt.Sprint(u)
+}
+
+// keys revoke and keys delete publish each change's version on the bus,
+// so that a replica cut off from Postgres still refuses shared entries
+// written before it (a write-back racing the CLI's delete can put one
+// back after the tombstone's two seconds).
+func TestCLIPublishesVersions(t *testing.T) {
+	c := newCluster(t, true)
+	rdb, err := rediscache.NewClient(c.env["EXTAUTHZ_REDIS_URL"], rediscache.ModeSingle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	ps, _ := tokens.ParsePeppers("k1:" + pepper32)
+	h, _ := tokens.NewHasher(ps)
+	prefix := c.env["EXTAUTHZ_REDIS_PREFIX"]
+	bus := rediscache.NewBus(rdb, prefix, h.SharedSealer(prefix), nil)
+	got := make(chan tokens.Change, 4)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	go bus.Subscribe(ctx, func(ch tokens.Change) { got <- ch })
+	for rdb.PubSubNumSub(ctx, prefix+"invalidate").Val()[prefix+"invalidate"] == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	for _, cmd := range []string{"revoke", "delete"} {
+		id, _ := c.newKey("")
+		c.ok("", "keys", cmd, id)
+		var ch tokens.Change
+		select {
+		case ch = <-got:
+		case <-ctx.Done():
+			t.Fatalf("keys %s published nothing", cmd)
+		}
+		if !slices.Equal(ch.KeyIDs, []string{id}) || len(ch.Seqs) != 1 || ch.Seqs[0] <= 0 {
+			t.Errorf("keys %s published %+v, want %s with its version", cmd, ch, id)
+		}
+	}
 }

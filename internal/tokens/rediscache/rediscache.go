@@ -276,14 +276,18 @@ func (b *Bus) Rejected() uint64 { return b.rejected.Load() }
 
 type message struct {
 	KeyIDs []string `json:"ids,omitempty"`
-	Tenant string   `json:"tenant,omitempty"`
-	Added  bool     `json:"added,omitempty"`
-	All    bool     `json:"all,omitempty"`
+	// Seqs, when set, has one entry per KeyIDs: the change's sequence
+	// (tokens.Change.Seqs), so that a replica cut off from the key store
+	// still refuses shared entries older than the change.
+	Seqs   []int64 `json:"seqs,omitempty"`
+	Tenant string  `json:"tenant,omitempty"`
+	Added  bool    `json:"added,omitempty"`
+	All    bool    `json:"all,omitempty"`
 }
 
 // Publish announces a change to every subscribed replica.
 func (b *Bus) Publish(ctx context.Context, c tokens.Change) error {
-	body, err := json.Marshal(message{KeyIDs: c.KeyIDs, Tenant: c.Tenant, Added: c.Added, All: c.All})
+	body, err := json.Marshal(message{KeyIDs: c.KeyIDs, Seqs: c.Seqs, Tenant: c.Tenant, Added: c.Added, All: c.All})
 	if err != nil {
 		return err
 	}
@@ -383,8 +387,11 @@ func (b *Bus) open(payload string, now time.Time, seen replays) (tokens.Change, 
 	if m.Tenant != "" && tokens.ValidateTenant(m.Tenant) != nil {
 		return tokens.Change{}, errors.New("sealed, but names an invalid tenant")
 	}
+	if len(m.Seqs) != 0 && len(m.Seqs) != len(m.KeyIDs) {
+		return tokens.Change{}, errors.New("sealed, but its sequences do not match its keys")
+	}
 	if seen.seen(tag, sent, now) {
 		return tokens.Change{}, errors.New("a copy of a message already applied")
 	}
-	return tokens.Change{KeyIDs: m.KeyIDs, Tenant: m.Tenant, Added: m.Added, All: m.All, Source: "redis", SentAt: sent}, nil
+	return tokens.Change{KeyIDs: m.KeyIDs, Seqs: m.Seqs, Tenant: m.Tenant, Added: m.Added, All: m.All, Source: "redis", SentAt: sent}, nil
 }

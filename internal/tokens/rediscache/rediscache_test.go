@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net/url"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -162,6 +163,22 @@ func TestBus(t *testing.T) {
 	c := <-got
 	if d := cmp.Diff([]string{"k1", "k2"}, c.KeyIDs); d != "" || c.SentAt.IsZero() || c.Source != "redis" {
 		t.Fatalf("received %+v", c)
+	}
+	// The changes' versions travel with them, for replicas cut off from
+	// the key store; a message whose versions do not match its keys is
+	// dropped.
+	if err := bus.Publish(ctx, tokens.Change{KeyIDs: []string{"k3"}, Seqs: []int64{42}}); err != nil {
+		t.Fatal(err)
+	}
+	if c := <-got; !slices.Equal(c.KeyIDs, []string{"k3"}) || !slices.Equal(c.Seqs, []int64{42}) {
+		t.Fatalf("received %+v, want k3 at 42", c)
+	}
+	before := bus.Rejected()
+	if err := bus.Publish(ctx, tokens.Change{KeyIDs: []string{"k4", "k5"}, Seqs: []int64{7}}); err != nil {
+		t.Fatal(err)
+	}
+	for bus.Rejected() == before {
+		time.Sleep(5 * time.Millisecond)
 	}
 	// A dropped connection: go-redis resubscribes, changes arrive again,
 	// and nothing is reported that would drop a cache.
