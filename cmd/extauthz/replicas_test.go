@@ -49,6 +49,21 @@ func newCluster(t *testing.T, withRedis bool) *cluster {
 // owns the keys would.
 func (c *cluster) sql(stmt string, args ...any) {
 	c.t.Helper()
+	c.withConn(func(ctx context.Context, conn *pgx.Conn) error {
+		_, err := conn.Exec(ctx, stmt, args...)
+		return err
+	})
+}
+
+// queryRow runs a query on the cluster's database and scans its one row.
+func (c *cluster) queryRow(query string, dest ...any) {
+	c.t.Helper()
+	c.withConn(func(ctx context.Context, conn *pgx.Conn) error { return conn.QueryRow(ctx, query).Scan(dest...) })
+}
+
+// withConn runs fn on a connection of its own to the cluster's database.
+func (c *cluster) withConn(fn func(context.Context, *pgx.Conn) error) {
+	c.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, c.dsn)
@@ -56,7 +71,7 @@ func (c *cluster) sql(stmt string, args ...any) {
 		c.t.Fatal(err)
 	}
 	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, stmt, args...); err != nil {
+	if err := fn(ctx, conn); err != nil {
 		c.t.Fatal(err)
 	}
 }

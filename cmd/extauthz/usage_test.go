@@ -2,10 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -24,15 +20,7 @@ func TestUsageSurvivesSimultaneousShutdown(t *testing.T) {
 	// replicas stop.
 	c.env["EXTAUTHZ_USAGE_INTERVAL"] = "200ms"
 	const nKeys = 500
-	var imp strings.Builder
-	tokens := make([]string, nKeys)
-	for i := range tokens {
-		var b [16]byte
-		rand.Read(b[:])
-		tokens[i] = "legacy-" + hex.EncodeToString(b[:])
-		fmt.Fprintf(&imp, `{"token":%q,"tenant_id":"acme"}`+"\n", tokens[i])
-	}
-	c.ok(imp.String(), "keys", "import")
+	tokens := c.importTokens(nKeys)
 	r1, r2 := startReplica(t, c.cli), startReplica(t, c.cli)
 
 	var allowed atomic.Int64

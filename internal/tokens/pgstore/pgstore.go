@@ -34,6 +34,7 @@ type Store struct {
 	// serialization failure.
 	usageRetries atomic.Uint64
 
+	warmed    atomic.Bool  // the pool's MinConns connections were made and used once
 	history   atomic.Int64 // nanoseconds of change log Watch reads at start
 	listening atomic.Bool
 	lastPrune atomic.Int64 // unix nanoseconds
@@ -50,12 +51,22 @@ func Open(ctx context.Context, dsn string, log *zap.Logger) (*Store, error) {
 		return nil, errors.New("pgstore: cannot parse the postgres connection string")
 	}
 	cfg.ConnConfig.RuntimeParams["application_name"] = "extauthz"
-	// On a cancelled query, drop the connection (a socket deadline) rather
-	// than pgx's default of dialling the server again to send a
-	// CancelRequest: for one-row indexed lookups that buys nothing, and
-	// against an unresponsive server each cancel would linger for 15s.
+	// A query past its deadline is cancelled the way psql cancels one: a
+	// CancelRequest on a connection of its own, after which the server
+	// ends the query and the pooled connection stays usable. Dropping the
+	// connection instead (pgx's socket-deadline handler) made every lookup
+	// past EXTAUTHZ_STORE_TIMEOUT cost a new connection, and a slow
+	// moment a storm of them. A server that does not answer the cancel
+	// within cancelGrace loses the connection (a socket deadline). Lookups
+	// do not wait for any of this (see findKey).
 	cfg.ConnConfig.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
-		return &pgconn.DeadlineContextWatcherHandler{Conn: c.Conn()}
+		return &pgconn.CancelRequestContextWatcherHandler{Conn: c, DeadlineDelay: cancelGrace}
+	}
+	if cfg.MinConns == 0 {
+		// Connections kept open and warmed before readiness (see Ping), so
+		// that a replica's first checks do not wait for connections to be
+		// made (pool_min_conns in the DSN overrides this).
+		cfg.MinConns = min(cfg.MaxConns, maxWarmConns)
 	}
 	if cfg.ConnConfig.ConnectTimeout == 0 {
 		// A handshake that never completes must not hold a pool slot forever
@@ -78,9 +89,62 @@ func (s *Store) Pool() *pgxpool.Pool { return s.pool }
 // Close closes the pool.
 func (s *Store) Close() error { s.pool.Close(); return nil }
 
-// Ping checks that the server answers and the schema is current.
+// cancelGrace is how long a cancelled query's connection waits for the
+// server to end the query before the connection is closed: a server that
+// answers at all answers a cancel request within a round trip; a
+// connection that is half-open is found so and closed that much after the
+// deadline.
+const cancelGrace = 250 * time.Millisecond
+
+// maxWarmConns bounds the connections opened and warmed before readiness
+// when the DSN does not say (pool_min_conns).
+const maxWarmConns = 8
+
+// Ping checks that the server answers and the schema is current. Until it
+// has once succeeded, it also warms the pool: it opens MinConns
+// connections at once and runs each lookup on each (preparing its
+// statement), so that readiness, which waits for Ping, means that checks
+// find connections ready.
 func (s *Store) Ping(ctx context.Context) error {
-	return CheckSchema(ctx, s.pool)
+	if err := CheckSchema(ctx, s.pool); err != nil {
+		return err
+	}
+	if s.warmed.Load() {
+		return nil
+	}
+	if err := s.warm(ctx, int(s.pool.Config().MinConns)); err != nil {
+		return err
+	}
+	s.warmed.Store(true)
+	return nil
+}
+
+// warm holds n pool connections at once and runs both lookups on each.
+func (s *Store) warm(ctx context.Context, n int) error {
+	conns := make([]*pgxpool.Conn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			c.Release()
+		}
+	}()
+	for range n {
+		c, err := s.pool.Acquire(ctx)
+		if err != nil {
+			return fmt.Errorf("pgstore: warm the pool: %w", err)
+		}
+		conns = append(conns, c)
+	}
+	for _, c := range conns {
+		for _, q := range []struct {
+			sql string
+			arg any
+		}{{byPublic, ""}, {byDigest, [][]byte{nil}}} {
+			if _, err := scanKey(c.QueryRow(ctx, q.sql, q.arg)); err != nil && !errors.Is(err, tokens.ErrNotFound) {
+				return fmt.Errorf("pgstore: warm the pool: %w", err)
+			}
+		}
+	}
+	return nil
 }
 
 const keyColumns = `id::text, tenant_id, name, kind, public_key, digest, pepper_id, scopes,
@@ -126,9 +190,37 @@ func nullTime(t time.Time) *time.Time {
 	return &t
 }
 
+const (
+	byPublic = `SELECT ` + keyColumns + ` FROM extauthz.keys WHERE public_key = $1`
+	byDigest = `SELECT ` + keyColumns + ` FROM extauthz.keys WHERE kind = 'token' AND digest = ANY($1) LIMIT 1`
+)
+
 // KeyByPublic implements tokens.Finder.
 func (s *Store) KeyByPublic(ctx context.Context, pk string) (*tokens.Key, error) {
-	return scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM extauthz.keys WHERE public_key = $1`, pk))
+	return s.findKey(ctx, byPublic, pk)
+}
+
+// findKey runs a lookup and returns when it ends or when ctx does,
+// whichever comes first: a lookup past its deadline is cancelled on the
+// server while its connection goes back to the pool, and the caller does
+// not wait for that round trip (nor, against a server that no longer
+// answers, for cancelGrace).
+func (s *Store) findKey(ctx context.Context, query string, arg any) (*tokens.Key, error) {
+	type result struct {
+		k   *tokens.Key
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		k, err := scanKey(s.pool.QueryRow(ctx, query, arg))
+		ch <- result{k, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.k, r.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("pgstore: %w", ctx.Err())
+	}
 }
 
 // LookupConcurrency implements tokens.ConcurrencyLimiter: 32 lookups per
@@ -154,8 +246,7 @@ func (s *Store) KeyByDigest(ctx context.Context, ds []tokens.Digest) (*tokens.Ke
 	for i := range ds {
 		arg[i] = ds[i][:]
 	}
-	return scanKey(s.pool.QueryRow(ctx,
-		`SELECT `+keyColumns+` FROM extauthz.keys WHERE kind = 'token' AND digest = ANY($1) LIMIT 1`, arg))
+	return s.findKey(ctx, byDigest, arg)
 }
 
 const insertKey = `INSERT INTO extauthz.keys

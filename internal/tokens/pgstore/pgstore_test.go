@@ -294,3 +294,59 @@ func TestLookupConcurrencyFollowsThePool(t *testing.T) {
 		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want %d", n, 6*32)
 	}
 }
+
+// TestDeadlineKeepsPoolConnections pins that a lookup past its deadline
+// neither destroys its pool connection nor waits for the cancellation:
+// with the table locked (a slow Postgres), every lookup fails at its
+// deadline, and no new connection is opened for the ones that follow.
+func TestDeadlineKeepsPoolConnections(t *testing.T) {
+	s, dsn := newStore(t)
+	ctx := context.Background()
+	if err := s.Ping(ctx); err != nil { // warms the pool
+		t.Fatal(err)
+	}
+	before := s.Pool().Stat().NewConnsCount()
+	if min := s.Pool().Config().MinConns; int64(min) > before || min == 0 {
+		t.Fatalf("warm pool: %d connections made, want MinConns (%d, above 0)", before, min)
+	}
+
+	locker, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer locker.Close(ctx)
+	tx, err := locker.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `LOCK TABLE extauthz.keys IN ACCESS EXCLUSIVE MODE`); err != nil {
+		t.Fatal(err)
+	}
+	const timeout = 100 * time.Millisecond
+	for i := range 10 {
+		lctx, cancel := context.WithTimeout(ctx, timeout)
+		start := time.Now()
+		_, err := s.KeyByPublic(lctx, "nosuchkey")
+		took := time.Since(start)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("lookup %d against a locked table: got %v, want a deadline error", i, err)
+		}
+		if took > timeout+50*time.Millisecond {
+			t.Errorf("lookup %d returned after %v, want about its %v deadline", i, took, timeout)
+		}
+		time.Sleep(50 * time.Millisecond) // the cancellation's own round trip
+	}
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(300 * time.Millisecond) // the last cancellations settle
+	for i := range 10 {
+		if _, err := s.KeyByPublic(ctx, "nosuchkey"); !errors.Is(err, tokens.ErrNotFound) {
+			t.Fatalf("lookup %d after the lock: got %v, want ErrNotFound", i, err)
+		}
+	}
+	if after := s.Pool().Stat().NewConnsCount(); after != before {
+		t.Errorf("new pool connections: %d before 10 lookups past their deadline, %d after; want none made", before, after)
+	}
+}

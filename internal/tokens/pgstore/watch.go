@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 	"go.uber.org/zap"
 
 	"github.com/extauthz/extauthz/internal/tokens"
@@ -72,6 +74,13 @@ func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if errors.Is(err, errHeartbeatLost) {
+			// Whatever left the LISTEN connection half-open (a NAT or load
+			// balancer that forgot it, a failover without a reset) most
+			// likely did the same to the pool's idle connections, and a
+			// lookup on one would wait out its deadline: replace them all.
+			s.pool.Reset()
+		}
 		s.log.Warn("key change notifications interrupted; reconnecting, then catching up", zap.Error(err), zap.Duration("backoff", backoff))
 		select {
 		case <-ctx.Done():
@@ -85,7 +94,14 @@ func (s *Store) Watch(ctx context.Context, fn func(tokens.Change)) error {
 var errHeartbeatLost = errors.New("pgstore: no heartbeat came back on the LISTEN connection: declared dead")
 
 func (s *Store) listen(ctx context.Context, hb string, st *watchState, fn func(tokens.Change), connected func()) error {
-	conn, err := pgx.ConnectConfig(ctx, s.pool.Config().ConnConfig.Copy())
+	cc := s.pool.Config().ConnConfig.Copy()
+	// A wait past its deadline means the connection is dead: close it at
+	// once (a socket deadline) rather than ask a server that may not
+	// answer to cancel a query that is not running.
+	cc.BuildContextWatcherHandler = func(c *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.DeadlineContextWatcherHandler{Conn: c.Conn()}
+	}
+	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		return err
 	}
