@@ -127,7 +127,7 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 			return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
 		}
 		defer rdb.Close()
-		shared := rediscache.New(rdb, cfg.RedisPrefix)
+		shared := rediscache.New(rdb, cfg.RedisPrefix).WithLogger(log.Named("redis"))
 		// Entries and messages are sealed under the peppers, for this prefix.
 		sealer := hasher.SharedSealer(cfg.RedisPrefix)
 		topts.Shared, topts.SharedSealer, uopts.Gate = shared, sealer, shared

@@ -365,7 +365,14 @@ func (a *Authenticator) sharedUp() bool {
 }
 
 func (a *Authenticator) sharedFailed(err error) {
+	if errors.Is(err, ErrSharedSkipped) {
+		a.stats.SharedSkipped.Add(1)
+		return
+	}
 	a.stats.SharedErrors.Add(1)
+	if errors.Is(err, ErrSharedPartial) {
+		return // one Cluster node's keys: the tier backs that node off, not all of itself
+	}
 	now := a.opts.Now()
 	if a.sharedDown.Swap(now.Add(a.opts.SharedRetry).UnixNano()) < now.UnixNano() {
 		a.log.Warn("shared cache unavailable; using the process cache and the store", zap.Error(err), zap.Duration("retry_in", a.opts.SharedRetry))

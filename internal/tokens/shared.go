@@ -29,6 +29,15 @@ type SharedCache interface {
 // one: the authenticator counts it as rejected and deletes it.
 var ErrSharedInvalid = errors.New("tokens: shared entry unreadable")
 
+// ErrSharedPartial marks a shared-tier failure that concerns only the
+// part of the tier holding the entry (a Redis Cluster node): the tier backs
+// that part off by itself, and the authenticator keeps using the rest.
+var ErrSharedPartial = errors.New("tokens: part of the shared tier unavailable")
+
+// ErrSharedSkipped is what a SharedCache that backs off parts of itself
+// returns for an entry whose part failed a moment ago: not asked, a miss.
+var ErrSharedSkipped = errors.New("tokens: shared tier node skipped after a failure")
+
 // Outcome is a decision's result, as stored in the shared tier.
 type Outcome uint8
 

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -109,10 +110,30 @@ func scrub(err error, rawURL string) error {
 }
 
 // Cache is the shared decision tier, and the replicas' usage-write gate.
+//
+// On Redis Cluster a failing node takes only its own slots out of the
+// tier: every error asks go-redis to reload the topology, so that the
+// slots a replica took over are served again as soon as the cluster says
+// so, and a single-key command that fails backs off the master holding
+// that key for nodeRetry (its keys are tokens.ErrSharedSkipped meanwhile,
+// a miss). A pipeline spans nodes and its error does not say which one
+// failed: it backs nothing off (writes are off the checks' path anyway).
+// Errors are tokens.ErrSharedPartial, so that the authenticator keeps the
+// rest of the tier in use.
 type Cache struct {
-	rdb    redis.UniversalClient
-	prefix string
+	rdb     redis.UniversalClient
+	prefix  string
+	cluster *redis.ClusterClient // nil outside cluster mode
+	log     *zap.Logger
+
+	mu    sync.Mutex
+	down  map[string]int64 // cluster master address → unix nanoseconds until which its keys are skipped
+	downs atomic.Int32     // len(down), read without the lock on every call
 }
+
+// nodeRetry is how long a failing Cluster node's keys skip the tier: an
+// outage costs one timeout a node a period, not one per miss.
+const nodeRetry = time.Second
 
 var (
 	_ tokens.SharedCache = (*Cache)(nil)
@@ -121,7 +142,77 @@ var (
 
 // New uses rdb with the given key prefix.
 func New(rdb redis.UniversalClient, prefix string) *Cache {
-	return &Cache{rdb: rdb, prefix: prefix}
+	c := &Cache{rdb: rdb, prefix: prefix, log: zap.NewNop(), down: map[string]int64{}}
+	c.cluster, _ = rdb.(*redis.ClusterClient)
+	return c
+}
+
+// WithLogger makes c log Cluster nodes failing and coming back.
+func (c *Cache) WithLogger(log *zap.Logger) *Cache {
+	c.log = log
+	return c
+}
+
+// nodeOf is the address of the Cluster master holding key ("" outside
+// cluster mode, or when the topology is not known): no I/O once the
+// topology is loaded.
+func (c *Cache) nodeOf(ctx context.Context, key string) string {
+	if c.cluster == nil {
+		return ""
+	}
+	m, err := c.cluster.MasterForKey(ctx, key)
+	if err != nil {
+		return ""
+	}
+	return m.Options().Addr
+}
+
+// skip returns tokens.ErrSharedSkipped when key's Cluster node failed
+// less than nodeRetry ago. It costs an atomic load while no node is down.
+func (c *Cache) skip(ctx context.Context, key string) error {
+	if c.downs.Load() == 0 {
+		return nil
+	}
+	addr := c.nodeOf(ctx, key)
+	now := time.Now().UnixNano()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	until, ok := c.down[addr]
+	switch {
+	case !ok:
+		return nil
+	case now < until:
+		return fmt.Errorf("rediscache: node %s: %w", addr, tokens.ErrSharedSkipped)
+	}
+	// Its period is over: this call tries it again, and a failure backs
+	// it off anew.
+	delete(c.down, addr)
+	c.downs.Store(int32(len(c.down)))
+	return nil
+}
+
+// failed turns err, from a command on key, into the error to return. On
+// Cluster it reloads the topology and backs off key's node alone.
+func (c *Cache) failed(ctx context.Context, op, key string, err error) error {
+	if c.cluster == nil {
+		return fmt.Errorf("rediscache: %s: %w", op, err)
+	}
+	c.cluster.ReloadState(ctx) // asynchronous; go-redis runs one at a time
+	if key == "" {
+		return fmt.Errorf("rediscache: %s: %w: %w", op, tokens.ErrSharedPartial, err)
+	}
+	addr := c.nodeOf(ctx, key)
+	now := time.Now()
+	c.mu.Lock()
+	_, was := c.down[addr]
+	c.down[addr] = now.Add(nodeRetry).UnixNano()
+	c.downs.Store(int32(len(c.down)))
+	c.mu.Unlock()
+	if !was {
+		c.log.Warn("redis cluster node failing: its keys skip the shared tier, the other nodes' are served; topology reloading",
+			zap.String("node", addr), zap.Error(err), zap.Duration("retry_in", nodeRetry))
+	}
+	return fmt.Errorf("rediscache: %s: %w: node %s: %w", op, tokens.ErrSharedPartial, addr, err)
 }
 
 func (c *Cache) entryKey(k tokens.Digest) string {
@@ -138,12 +229,16 @@ const maxEntry = 8 << 10
 // Get implements tokens.SharedCache. GETRANGE reads at most maxEntry+1
 // bytes; a longer value, or a key of another type, is invalid.
 func (c *Cache) Get(ctx context.Context, k tokens.Digest) ([]byte, error) {
-	b, err := c.rdb.GetRange(ctx, c.entryKey(k), 0, maxEntry).Bytes()
+	ek := c.entryKey(k)
+	if err := c.skip(ctx, ek); err != nil {
+		return nil, err
+	}
+	b, err := c.rdb.GetRange(ctx, ek, 0, maxEntry).Bytes()
 	switch {
 	case err != nil && strings.HasPrefix(err.Error(), "WRONGTYPE"):
 		return nil, fmt.Errorf("rediscache: get: %w: not a string", tokens.ErrSharedInvalid)
 	case err != nil:
-		return nil, fmt.Errorf("rediscache: get: %w", err)
+		return nil, c.failed(ctx, "get", ek, err)
 	case len(b) == 0:
 		return nil, nil // no such key (GETRANGE reads it as empty)
 	case len(b) > maxEntry:
@@ -158,6 +253,9 @@ func (c *Cache) Set(ctx context.Context, k tokens.Digest, keyID string, v []byte
 		return nil
 	}
 	ek := c.entryKey(k)
+	if err := c.skip(ctx, ek); err != nil {
+		return err
+	}
 	_, err := c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 		p.Set(ctx, ek, v, ttl)
 		if keyID != "" {
@@ -174,15 +272,19 @@ func (c *Cache) Set(ctx context.Context, k tokens.Digest, keyID string, v []byte
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("rediscache: set: %w", err)
+		return c.failed(ctx, "set", "", err)
 	}
 	return nil
 }
 
 // Delete implements tokens.SharedCache.
 func (c *Cache) Delete(ctx context.Context, k tokens.Digest) error {
-	if err := c.rdb.Del(ctx, c.entryKey(k)).Err(); err != nil {
-		return fmt.Errorf("rediscache: delete: %w", err)
+	ek := c.entryKey(k)
+	if err := c.skip(ctx, ek); err != nil {
+		return err
+	}
+	if err := c.rdb.Del(ctx, ek).Err(); err != nil {
+		return c.failed(ctx, "delete", ek, err)
 	}
 	return nil
 }
@@ -199,7 +301,7 @@ func (c *Cache) Forget(ctx context.Context, keyIDs []string) error {
 		for {
 			members, next, err := c.rdb.SScan(ctx, ik, cursor, "", 500).Result()
 			if err != nil {
-				return fmt.Errorf("rediscache: forget: %w", err)
+				return c.failed(ctx, "forget", ik, err)
 			}
 			_, err = c.rdb.Pipelined(ctx, func(p redis.Pipeliner) error {
 				for _, m := range members {
@@ -210,14 +312,14 @@ func (c *Cache) Forget(ctx context.Context, keyIDs []string) error {
 				return nil
 			})
 			if err != nil {
-				return fmt.Errorf("rediscache: forget: %w", err)
+				return c.failed(ctx, "forget", "", err)
 			}
 			if cursor = next; cursor == 0 {
 				break
 			}
 		}
 		if err := c.rdb.Del(ctx, ik).Err(); err != nil {
-			return fmt.Errorf("rediscache: forget: %w", err)
+			return c.failed(ctx, "forget", ik, err)
 		}
 	}
 	return nil
@@ -257,6 +359,10 @@ type Bus struct {
 	now      func() time.Time
 	rejected atomic.Uint64
 }
+
+// topologyReload is how often a subscriber on Cluster reloads the
+// topology.
+const topologyReload = time.Second
 
 // MessageWindow is how far a message's sending time may be from a
 // subscriber's clock: replicas and the CLI must keep their clocks within it.
@@ -307,6 +413,18 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 	ps := b.rdb.Subscribe(ctx, b.channel)
 	defer ps.Close()
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
+	// On Cluster the subscription is on one node (the master of the
+	// channel's slot), and go-redis reconnects it to the node its topology
+	// names, which it reloads once a minute: reload it every second, so
+	// that a subscription whose node died moves to the replica that took
+	// over as soon as the cluster says so.
+	var reload <-chan time.Time
+	cluster, _ := b.rdb.(*redis.ClusterClient)
+	if cluster != nil {
+		t := time.NewTicker(topologyReload)
+		defer t.Stop()
+		reload = t.C
+	}
 	subscribed := false
 	seen := replays{}
 	var lastLog time.Time
@@ -314,6 +432,8 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-reload:
+			cluster.ReloadState(ctx)
 		case m, ok := <-ch:
 			if !ok {
 				return errors.New("rediscache: subscription closed")
