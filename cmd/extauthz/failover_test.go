@@ -4,6 +4,7 @@ import (
 	"context"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -117,4 +118,82 @@ func busMessages(t *testing.T, r *replica) int {
 	}
 	n, _ := strconv.Atoi(m[1])
 	return n
+}
+
+// Redis Sentinel: a failover that leaves the old master alive (SENTINEL
+// FAILOVER: it is demoted) and then one that kills the master (SIGKILL).
+// What must hold: every check is answered; bus messages published after
+// the demotion reach the replica within a couple of seconds (the
+// subscription follows the master; it stayed on the demoted one before);
+// revocations made while the master is dead are applied (through the key
+// store's watch at least).
+func TestRedisSentinelFailover(t *testing.T) {
+	rs := testsvc.NewRedisSentinel(t)
+	c := newCluster(t, false)
+	c.env["EXTAUTHZ_REDIS_URL"], c.env["EXTAUTHZ_REDIS_MODE"], c.env["EXTAUTHZ_REDIS_PREFIX"] = rs.URL(), "sentinel", "extauthz:"
+	r := startReplica(t, c.cli)
+	ctx := context.Background()
+	var scs []*redis.SentinelClient
+	for _, s := range rs.Sentinels {
+		sc := redis.NewSentinelClient(&redis.Options{Addr: s.Addr})
+		defer sc.Close()
+		scs = append(scs, sc)
+	}
+	sc := scs[0]
+	// Every sentinel names want as the master: the CLI asks any of them
+	// where to publish.
+	masterIs := func(want string) func() bool {
+		return func() bool {
+			for _, sc := range scs {
+				a, err := sc.GetMasterAddrByName(ctx, "mymaster").Result()
+				if err != nil || len(a) != 2 || a[0]+":"+a[1] != want {
+					return false
+				}
+			}
+			return true
+		}
+	}
+	revokeOverBus := func(when string) {
+		t.Helper()
+		id, cred := c.newKey("")
+		if !r.allowed(cred) {
+			t.Fatal("fresh key denied")
+		}
+		before := busMessages(t, r)
+		start := time.Now()
+		c.ok("", "keys", "revoke", id)
+		deniedEverywhere(t, start, cred, r)
+		eventually3s(t, "a bus message "+when, func() bool { return busMessages(t, r) > before })
+	}
+	revokeOverBus("before any failover")
+
+	if err := sc.Failover(ctx, "mymaster").Err(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	within(t, 10*time.Second, "the replica promoted", masterIs(rs.Replica.Addr))
+	t.Logf("SENTINEL FAILOVER: replica promoted after %v", time.Since(start).Round(time.Millisecond))
+	time.Sleep(time.Second) // the subscriber's next look at the sentinels
+	revokeOverBus("after the demotion")
+
+	// Now kill the new master: the old one is its replica by now.
+	within(t, 10*time.Second, "the old master a replica", func() bool {
+		rdb := redis.NewClient(&redis.Options{Addr: rs.Master.Addr})
+		defer rdb.Close()
+		info, _ := rdb.Info(ctx, "replication").Result()
+		return strings.Contains(info, "master_link_status:up")
+	})
+	id, cred := c.newKey("")
+	if !r.allowed(cred) {
+		t.Fatal("fresh key denied")
+	}
+	rs.Replica.Kill()
+	start = time.Now()
+	c.ok("", "keys", "revoke", id) // Redis is down for the CLI too: it goes through Postgres
+	deniedEverywhere(t, start, cred, r)
+	within(t, 15*time.Second, "the old master promoted again", masterIs(rs.Master.Addr))
+	t.Logf("SIGKILL: old master promoted again after %v", time.Since(start).Round(time.Millisecond))
+	neverAllowed(t, "after the failover", cred, r)
+	time.Sleep(time.Second)
+	revokeOverBus("after the kill")
 }

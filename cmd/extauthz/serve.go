@@ -132,6 +132,11 @@ func serve(ctx context.Context, cfg Config, e *env) error {
 		sealer := hasher.SharedSealer(cfg.RedisPrefix)
 		topts.Shared, topts.SharedSealer, uopts.Gate = shared, sealer, shared
 		bus = rediscache.NewBus(rdb, cfg.RedisPrefix, sealer, log.Named("redis"))
+		if cfg.RedisMode == rediscache.ModeSentinel {
+			if err := bus.FollowMaster(cfg.RedisURL); err != nil {
+				return fmt.Errorf("EXTAUTHZ_REDIS_URL: %w", err)
+			}
+		}
 	}
 	usage := tokens.NewUsageRecorder(store, uopts)
 	auth := tokens.NewAuthenticator(hasher, store, topts)

@@ -24,6 +24,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
 	"sync"
@@ -358,6 +359,57 @@ type Bus struct {
 	log      *zap.Logger
 	now      func() time.Time
 	rejected atomic.Uint64
+	// sentinels, in sentinel mode, are asked which server is the master
+	// (see FollowMaster).
+	sentinels *redis.FailoverOptions
+}
+
+// FollowMaster makes a sentinel-mode subscriber (rawURL as NewClient
+// takes it) ask the sentinels every masterPoll which server is the
+// master, and subscribe again when it changed. go-redis moves commands to
+// a new master on +switch-master, but leaves a subscription on the
+// demoted one, which is alive and hears nothing published on the new
+// master.
+func (b *Bus) FollowMaster(rawURL string) error {
+	o, err := redis.ParseFailoverURL(rawURL)
+	if err != nil {
+		return scrub(err, rawURL)
+	}
+	o.TLSConfig = perHostTLS(o.TLSConfig)
+	b.sentinels = o
+	return nil
+}
+
+// masterPoll is how often a sentinel-mode subscriber asks who the master is.
+const masterPoll = 500 * time.Millisecond
+
+// masterWatch returns a function that asks the sentinels, the first that
+// answers, for the master's address, and a function that closes them.
+func (b *Bus) masterWatch() (func(context.Context) string, func()) {
+	o := b.sentinels
+	if o == nil {
+		return nil, func() {}
+	}
+	var scs []*redis.SentinelClient
+	for _, addr := range o.SentinelAddrs {
+		scs = append(scs, redis.NewSentinelClient(&redis.Options{
+			Addr: addr, Username: o.SentinelUsername, Password: o.SentinelPassword, TLSConfig: o.TLSConfig,
+			DialTimeout: masterPoll, ReadTimeout: masterPoll, WriteTimeout: masterPoll, MaxRetries: -1,
+		}))
+	}
+	ask := func(ctx context.Context) string {
+		for _, sc := range scs {
+			if a, err := sc.GetMasterAddrByName(ctx, o.MasterName).Result(); err == nil && len(a) == 2 {
+				return net.JoinHostPort(a[0], a[1])
+			}
+		}
+		return ""
+	}
+	return ask, func() {
+		for _, sc := range scs {
+			sc.Close()
+		}
+	}
 }
 
 // topologyReload is how often a subscriber on Cluster reloads the
@@ -411,8 +463,18 @@ func (b *Bus) Publish(ctx context.Context, c tokens.Change) error {
 // resubscription (a Redis blip, a failover) drops no cache.
 func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 	ps := b.rdb.Subscribe(ctx, b.channel)
-	defer ps.Close()
+	defer func() { ps.Close() }()
 	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
+	master, closeSentinels := b.masterWatch()
+	defer closeSentinels()
+	var poll <-chan time.Time
+	var lastMaster string
+	if master != nil {
+		t := time.NewTicker(masterPoll)
+		defer t.Stop()
+		poll = t.C
+		lastMaster = master(ctx)
+	}
 	// On Cluster the subscription is on one node (the master of the
 	// channel's slot), and go-redis reconnects it to the node its topology
 	// names, which it reloads once a minute: reload it every second, so
@@ -434,6 +496,20 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 			return ctx.Err()
 		case <-reload:
 			cluster.ReloadState(ctx)
+		case <-poll:
+			m := master(ctx)
+			if m == "" || m == lastMaster {
+				continue
+			}
+			if lastMaster != "" {
+				// The new subscription dials the master the sentinels name now.
+				b.log.Info("redis master changed; subscribing on the new one (the key store's watch covers what was published meanwhile)",
+					zap.String("from", lastMaster), zap.String("to", m))
+				ps.Close()
+				ps = b.rdb.Subscribe(ctx, b.channel)
+				ch = ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
+			}
+			lastMaster = m
 		case m, ok := <-ch:
 			if !ok {
 				return errors.New("rediscache: subscription closed")
