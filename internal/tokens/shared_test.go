@@ -309,3 +309,37 @@ func TestRememberedChangesAreBounded(t *testing.T) {
 		t.Fatal("an entry older than a forgotten change was adopted")
 	}
 }
+
+// partialShared fails every Get as a Redis Cluster tier does for the keys
+// of a dead master: ErrSharedPartial.
+type partialShared struct {
+	*fakeShared
+	gets atomic.Int64
+}
+
+func (p *partialShared) Get(context.Context, Digest) ([]byte, error) {
+	p.gets.Add(1)
+	return nil, fmt.Errorf("node 10.0.0.1:6379 down: %w", ErrSharedPartial)
+}
+
+// A failure of one part of the tier (one Cluster node's keys) is counted
+// but does not make the authenticator skip the whole tier: the tier backs
+// that part off by itself.
+func TestSharedPartialFailureKeepsTheTier(t *testing.T) {
+	t.Parallel()
+	shared := &partialShared{fakeShared: newFakeShared()}
+	f := newFixture(t, Options{Shared: shared, SharedRetry: time.Second})
+	f.addPair("k1", "acme")
+	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testPair)); err != nil {
+		t.Fatalf("one node down: %v, want an answer from the store", err)
+	}
+	if _, err := f.a.Authenticate(context.Background(), mustParse(t, testToken)); !errors.Is(err, ErrUnknown) {
+		t.Fatal(err)
+	}
+	if got := shared.gets.Load(); got != 2 {
+		t.Errorf("shared tier asked %d times for 2 misses right after a partial failure, want 2", got)
+	}
+	if s := f.a.Stats(); s.SharedErrors.Load() != 2 || s.SharedSkipped.Load() != 0 {
+		t.Errorf("errors %d, skipped %d; want 2 and 0", s.SharedErrors.Load(), s.SharedSkipped.Load())
+	}
+}
