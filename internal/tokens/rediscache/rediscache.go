@@ -380,6 +380,22 @@ func (b *Bus) FollowMaster(rawURL string) error {
 	return nil
 }
 
+// subscribe subscribes to the channel: on master, the address the
+// sentinels named, through a client of its own (go-redis's failover client
+// asks a sentinel of its own, which may not have heard of the change yet);
+// otherwise through the client. The function returned unsubscribes.
+func (b *Bus) subscribe(ctx context.Context, master string) (*redis.PubSub, func()) {
+	if master == "" {
+		ps := b.rdb.Subscribe(ctx, b.channel)
+		return ps, func() { ps.Close() }
+	}
+	o := b.sentinels
+	c := redis.NewClient(&redis.Options{Addr: master, Username: o.Username, Password: o.Password, DB: o.DB,
+		TLSConfig: o.TLSConfig, Protocol: o.Protocol, DialTimeout: o.DialTimeout, ReadTimeout: o.ReadTimeout, WriteTimeout: o.WriteTimeout})
+	ps := c.Subscribe(ctx, b.channel)
+	return ps, func() { ps.Close(); c.Close() }
+}
+
 // masterPoll is how often a sentinel-mode subscriber asks who the master is.
 const masterPoll = 500 * time.Millisecond
 
@@ -462,9 +478,6 @@ func (b *Bus) Publish(ctx context.Context, c tokens.Change) error {
 // and shared entries older than a change are refused by version. So a
 // resubscription (a Redis blip, a failover) drops no cache.
 func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
-	ps := b.rdb.Subscribe(ctx, b.channel)
-	defer func() { ps.Close() }()
-	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
 	master, closeSentinels := b.masterWatch()
 	defer closeSentinels()
 	var poll <-chan time.Time
@@ -475,6 +488,9 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 		poll = t.C
 		lastMaster = master(ctx)
 	}
+	ps, unsub := b.subscribe(ctx, lastMaster)
+	defer func() { unsub() }()
+	ch := ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
 	// On Cluster the subscription is on one node (the master of the
 	// channel's slot), and go-redis reconnects it to the node its topology
 	// names, which it reloads once a minute: reload it every second, so
@@ -501,14 +517,11 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 			if m == "" || m == lastMaster {
 				continue
 			}
-			if lastMaster != "" {
-				// The new subscription dials the master the sentinels name now.
-				b.log.Info("redis master changed; subscribing on the new one (the key store's watch covers what was published meanwhile)",
-					zap.String("from", lastMaster), zap.String("to", m))
-				ps.Close()
-				ps = b.rdb.Subscribe(ctx, b.channel)
-				ch = ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
-			}
+			b.log.Info("redis master changed; subscribing on the new one (the key store's watch covers what was published meanwhile)",
+				zap.String("from", lastMaster), zap.String("to", m))
+			unsub()
+			ps, unsub = b.subscribe(ctx, m)
+			ch = ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
 			lastMaster = m
 		case m, ok := <-ch:
 			if !ok {
