@@ -56,8 +56,9 @@ type Config struct {
 	// of one check.
 	MaxRequestBytes int
 	MaxHeaders      int
-	// StoreConcurrency bounds store lookups in flight; 0: 32 per Postgres
-	// pool connection (unbounded for the file store).
+	// StoreConcurrency bounds store lookups in flight; 0: the Postgres
+	// pool's size times the store timeout in ms (unbounded for the file
+	// store).
 	StoreConcurrency int
 
 	CacheSize       int

@@ -48,7 +48,8 @@ type Options struct {
 }
 
 // ConcurrencyLimiter is a store that can serve only so many lookups at
-// once (a connection pool): the default bound of store lookups in flight.
+// once (a connection pool's size); the default bound of store lookups in
+// flight is that many per millisecond of the store timeout.
 type ConcurrencyLimiter interface {
 	LookupConcurrency() int
 }
@@ -135,7 +136,11 @@ func NewAuthenticator(h *Hasher, store Finder, o Options) *Authenticator {
 	}
 	if o.MaxStoreLookups <= 0 {
 		if l, ok := store.(ConcurrencyLimiter); ok {
-			o.MaxStoreLookups = l.LookupConcurrency()
+			// What the connections drain within the deadline at about a
+			// millisecond a lookup: a burst of first checks (a cold start)
+			// is served, a flood that would only wait out its deadline is
+			// shed.
+			o.MaxStoreLookups = l.LookupConcurrency() * max(1, int(o.StoreTimeout/time.Millisecond))
 		}
 	}
 	a := &Authenticator{hasher: h, store: store, cache: NewCache(o.CacheSize), opts: o, log: o.Logger,

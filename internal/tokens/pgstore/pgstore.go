@@ -223,12 +223,10 @@ func (s *Store) findKey(ctx context.Context, query string, arg any) (*tokens.Key
 	}
 }
 
-// LookupConcurrency implements tokens.ConcurrencyLimiter: 32 lookups per
-// pooled connection, which at about a millisecond a lookup the pool
-// drains within the default 100 ms store timeout. Past it a miss is shed
-// at once rather than queued for a connection until its deadline.
+// LookupConcurrency implements tokens.ConcurrencyLimiter: the pool's
+// connections (pool_max_conns).
 func (s *Store) LookupConcurrency() int {
-	return 32 * int(s.pool.Config().MaxConns)
+	return int(s.pool.Config().MaxConns)
 }
 
 // KeyByID implements tokens.Store.

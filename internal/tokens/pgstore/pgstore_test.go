@@ -275,8 +275,8 @@ func TestMigrateUpgradesVersion2(t *testing.T) {
 	}
 }
 
-// The default bound of lookups in flight follows the pool's size: what it
-// drains within the store timeout (the authenticator sheds past it).
+// The default bound of lookups in flight follows the pool's size (the
+// authenticator scales it by the store timeout, and sheds past it).
 func TestLookupConcurrencyFollowsThePool(t *testing.T) {
 	t.Parallel()
 	dsn := testsvc.NewDatabase(t)
@@ -290,8 +290,8 @@ func TestLookupConcurrencyFollowsThePool(t *testing.T) {
 	}
 	defer s.Close()
 	var _ tokens.ConcurrencyLimiter = s
-	if n := s.LookupConcurrency(); n != 6*32 {
-		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want %d", n, 6*32)
+	if n := s.LookupConcurrency(); n != 6 {
+		t.Errorf("LookupConcurrency with pool_max_conns=6: %d, want 6", n)
 	}
 }
 
