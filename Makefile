@@ -59,6 +59,13 @@ e2e-caddy: ## build Caddy from the Go module proxy and run the forward_auth end-
 propagation: ## revocation propagation figures, failing any revocation slower than a second (run on a quiet machine)
 	EXTAUTHZ_TEST_STRICT_PROPAGATION=1 $(GO) test -count=1 -run '^(TestPropagationLag|TestTwoReplicasRevocationByEveryPath)$$' -v ./cmd/extauthz | grep -E '^(=== RUN|--- |\s+replicas_test.go:.*(revocations|denied on both)|ok|FAIL|PASS)'
 
+SOAK_DURATION ?= 10m
+SOAK_REPORT   ?= $(CURDIR)/docs/soak-$(shell date -u +%F).txt
+
+.PHONY: soak
+soak: ## issue 10's soak: replicas under load while Redis and Postgres faults cycle, revocations during each (SOAK_DURATION, default 10m; report in SOAK_REPORT)
+	EXTAUTHZ_SOAK=1 SOAK_DURATION=$(SOAK_DURATION) SOAK_REPORT=$(SOAK_REPORT) $(GO) test -count=1 -timeout 0 -run '^TestSoak$$' -v ./cmd/extauthz
+
 .PHONY: fuzz
 fuzz: ## run every fuzz target for FUZZTIME each (default 30s)
 	$(GO) test -run '^$$' -fuzz '^FuzzExtract$$' -fuzztime $(FUZZTIME) ./internal/tokens
