@@ -129,7 +129,8 @@ type soak struct {
 
 	phase   atomic.Pointer[phaseStats]
 	phases  []*phaseStats
-	samples []string // the first violations, for the report
+	samples []string       // the first violations of each fault, for the report
+	sampled map[string]int // samples per fault
 	log     strings.Builder
 }
 
@@ -140,6 +141,7 @@ func newSoak(t *testing.T) *soak {
 		rate:     soakEnv(t, "SOAK_RATE", 300, atoi),
 		workers:  soakEnv(t, "SOAK_WORKERS", 16, atoi),
 		gone:     map[string]bool{},
+		sampled:  map[string]int{},
 	}
 	replicas := soakEnv(t, "SOAK_REPLICAS", 2, atoi)
 	keys := soakEnv(t, "SOAK_KEYS", 120, atoi)
@@ -282,7 +284,8 @@ func (s *soak) checkOne(rng *rand.Rand) {
 		if start.UnixNano() > rv.deadline.Load() {
 			p.violations.Add(1)
 			s.mu.Lock()
-			if len(s.samples) < 20 {
+			if s.sampled[rv.fault] < 5 {
+				s.sampled[rv.fault]++
 				s.samples = append(s.samples, fmt.Sprintf("%s: key revoked by %s during %s, allowed on %s by a check started %v after the revoke committed (phase %s)",
 					start.UTC().Format("15:04:05.000"), rv.how, rv.fault, r.srv.addrs.GRPC, start.Sub(rv.committed).Round(time.Millisecond), p.kind))
 			}
