@@ -5,10 +5,12 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/signal"
 	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"text/tabwriter"
 	"time"
@@ -180,7 +182,11 @@ func (s *soak) createKey() soakKey {
 
 // run drives the load and the fault cycle until the duration ends.
 func (s *soak) run() {
-	ctx, cancel := context.WithTimeout(context.Background(), s.duration)
+	// An interrupt ends the soak early, with its report and cleanup
+	// (databases, Redis prefixes, replicas), rather than killing it.
+	sig, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeout(sig, s.duration)
 	defer cancel()
 	s.begin("steady")
 	var wg sync.WaitGroup
@@ -212,6 +218,9 @@ func (s *soak) run() {
 	s.cycle(ctx)
 	wg.Wait()
 	s.end()
+	if sig.Err() != nil {
+		s.logf("interrupted: the soak ended early")
+	}
 }
 
 // checkOne checks a valid key (70 %), a revoked one (20 %) or junk (10 %)
