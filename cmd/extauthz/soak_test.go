@@ -100,6 +100,7 @@ type phaseStats struct {
 	validFail, validSlow       atomic.Int64
 	revokedChecks, lateAllows  atomic.Int64
 	strictLate                 atomic.Int64 // allowed more than soakGrace after the commit, exceptions included
+	worstLate                  atomic.Int64 // the latest allow's start after its revoke committed, nanoseconds
 	violations                 atomic.Int64
 	junk, junkAllow, junkFail  atomic.Int64
 	otherFail                  atomic.Int64 // failed checks of revoked or junk keys
@@ -280,6 +281,12 @@ func (s *soak) checkOne(rng *rand.Rand) {
 		}
 		if start.After(rv.committed) {
 			p.lateAllows.Add(1)
+			for late := int64(start.Sub(rv.committed)); ; {
+				w := p.worstLate.Load()
+				if w >= late || p.worstLate.CompareAndSwap(w, late) {
+					break
+				}
+			}
 			for {
 				last := rv.lastAllow.Load()
 				if last >= start.UnixNano() || rv.lastAllow.CompareAndSwap(last, start.UnixNano()) {
@@ -541,6 +548,7 @@ func (s *soak) report() {
 		secs                                                                      float64
 		valid, ok, deny, fail, slow, rev, late, strict, viol, junk, jallow, other int64
 		lookups, storeErr, revokes                                                int
+		worst                                                                     time.Duration
 		codes                                                                     map[codes.Code]int64
 	}
 	var order []string
@@ -564,6 +572,7 @@ func (s *soak) report() {
 			x.rev += p.revokedChecks.Load()
 			x.late += p.lateAllows.Load()
 			x.strict += p.strictLate.Load()
+			x.worst = max(x.worst, time.Duration(p.worstLate.Load()))
 			x.viol += p.violations.Load()
 			x.junk += p.junk.Load()
 			x.jallow += p.junkAllow.Load()
@@ -578,7 +587,7 @@ func (s *soak) report() {
 	b.WriteString(s.log.String())
 	b.WriteString("\nPer fault kind (each fault counted from its start to " + soakRecovery.String() + " after its repair; steady is the rest):\n\n")
 	w := tabwriter.NewWriter(&b, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(w, "phase\tn\tseconds\tvalid checks\tfailed\tdenied\t>200ms\trevoked checks\tallowed after commit\tallowed >1s after commit\tallowed past deadline\tjunk\tjunk allowed\tother failed\tstore lookups\tlookups/s\tstore errors\trevocations\tfailure codes\t")
+	fmt.Fprintln(w, "phase\tn\tseconds\tvalid checks\tfailed\tdenied\t>200ms\trevoked checks\tallowed after commit\tallowed >1s after commit\tlatest allow after commit\tallowed past deadline\tjunk\tjunk allowed\tother failed\tstore lookups\tlookups/s\tstore errors\trevocations\tfailure codes\t")
 	for _, r := range append(func() []*row {
 		var rs []*row
 		for _, k := range order {
@@ -590,8 +599,8 @@ func (s *soak) report() {
 		for c, n := range r.codes {
 			cs = append(cs, fmt.Sprintf("%v:%d", c, n))
 		}
-		fmt.Fprintf(w, "%s\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.1f\t%d\t%d\t%s\t\n",
-			r.kind, r.n, r.secs, r.valid, r.fail, r.deny, r.slow, r.rev, r.late, r.strict, r.viol, r.junk, r.jallow, r.other,
+		fmt.Fprintf(w, "%s\t%d\t%.0f\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%v\t%d\t%d\t%d\t%d\t%d\t%.1f\t%d\t%d\t%s\t\n",
+			r.kind, r.n, r.secs, r.valid, r.fail, r.deny, r.slow, r.rev, r.late, r.strict, r.worst.Round(time.Millisecond), r.viol, r.junk, r.jallow, r.other,
 			r.lookups, float64(r.lookups)/max(r.secs, 1), r.storeErr, r.revokes, strings.Join(cs, " "))
 	}
 	w.Flush()
