@@ -432,6 +432,14 @@ func (b *Bus) masterWatch() (func(context.Context) string, func()) {
 // topology.
 const topologyReload = time.Second
 
+// busBeat is how often each replica publishes an empty message on the
+// invalidation channel, and silentAfter how long a subscription may hear
+// nothing before it is replaced.
+const (
+	busBeat     = time.Second
+	silentAfter = 3 * time.Second
+)
+
 // MessageWindow is how far a message's sending time may be from a
 // subscriber's clock: replicas and the CLI must keep their clocks within it.
 const MessageWindow = time.Minute
@@ -506,10 +514,30 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 	subscribed := false
 	seen := replays{}
 	var lastLog time.Time
+	// Liveness: a subscription on a connection that went half-open (a
+	// frozen proxy, a NAT that forgot it) receives nothing and go-redis
+	// never notices (its PING write succeeds). Every replica publishes an
+	// empty sealed message each beat; a subscription that hears nothing
+	// for silentAfter is replaced.
+	beat := time.NewTicker(busBeat)
+	defer beat.Stop()
+	lastHeard := b.now()
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-beat.C:
+			pctx, cancel := context.WithTimeout(ctx, busBeat/2)
+			b.Publish(pctx, tokens.Change{}) // an error shows as silence
+			cancel()
+			if subscribed && b.now().Sub(lastHeard) > silentAfter {
+				b.log.Warn("invalidation subscription silent; subscribing again (the key store's watch covers what was published meanwhile)",
+					zap.Duration("silent_for", b.now().Sub(lastHeard)))
+				unsub()
+				ps, unsub = b.subscribe(ctx, lastMaster)
+				ch = ps.ChannelWithSubscriptions(redis.WithChannelSize(1000))
+				subscribed, lastHeard = false, b.now()
+			}
 		case <-reload:
 			cluster.ReloadState(ctx)
 		case <-poll:
@@ -529,6 +557,7 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 			}
 			switch m := m.(type) {
 			case *redis.Subscription:
+				lastHeard = b.now()
 				if m.Kind == "subscribe" {
 					if subscribed {
 						b.log.Info("invalidation channel resubscribed; the key store's watch covers what was published meanwhile")
@@ -537,6 +566,7 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 				}
 			case *redis.Message:
 				now := b.now()
+				lastHeard = now
 				c, err := b.open(m.Payload, now, seen)
 				if err != nil {
 					b.rejected.Add(1)
@@ -546,6 +576,9 @@ func (b *Bus) Subscribe(ctx context.Context, fn func(tokens.Change)) error {
 							zap.String("reason", err.Error()), zap.Int("bytes", len(m.Payload)), zap.Uint64("rejected_total", b.rejected.Load()))
 					}
 					continue
+				}
+				if c.KeyIDs == nil && c.Tenant == "" && !c.Added && !c.All {
+					continue // a beat
 				}
 				fn(c)
 			}

@@ -383,3 +383,51 @@ func TestBlackHoleEndsAtTheDeadline(t *testing.T) {
 		}
 	}
 }
+
+// A subscription whose connection went half-open (frozen: nothing
+// forwarded, nothing closed) is noticed by its silence and replaced, so a
+// change published afterwards arrives; go-redis alone never notices.
+func TestBusReplacesASilentSubscription(t *testing.T) {
+	t.Parallel()
+	rdb, prefix := testsvc.NewRedis(t)
+	u, err := url.Parse(testsvc.RedisURL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy := testsvc.NewProxy(t, u.Host)
+	u.Host = proxy.Addr()
+	sub, err := NewClient(u.String(), ModeSingle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	bus := NewBus(sub, prefix, sealer(prefix), zaptest.NewLogger(t))
+	got := make(chan tokens.Change, 10)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() { bus.Subscribe(ctx, func(c tokens.Change) { got <- c }); close(done) }()
+	defer func() { cancel(); <-done }()
+	for rdb.PubSubNumSub(ctx, prefix+"invalidate").Val()[prefix+"invalidate"] == 0 {
+		time.Sleep(5 * time.Millisecond)
+	}
+	proxy.Freeze() // the subscription's connection: half-open from now on
+	time.Sleep(silentAfter + 2*busBeat)
+	// Published directly to Redis, as another replica or the CLI would.
+	direct := NewBus(rdb, prefix, sealer(prefix), nil)
+	deadline := time.After(10 * time.Second)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case c := <-got:
+			if len(c.KeyIDs) == 1 && c.KeyIDs[0] == "after-freeze" {
+				return
+			}
+		case <-tick.C:
+			direct.Publish(ctx, tokens.Change{KeyIDs: []string{"after-freeze"}})
+		case <-deadline:
+			t.Fatal("a change published after the freeze never arrived: the silent subscription was not replaced")
+		}
+	}
+}
