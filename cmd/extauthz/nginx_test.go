@@ -27,18 +27,6 @@ import (
 // proxied request; an empty value drops the header, so nothing forged
 // gets through.
 const nginxConf = `
-daemon off;
-worker_processes 1;
-pid {{dir}}/nginx.pid;
-error_log {{dir}}/error.log warn;
-events {}
-http {
-  access_log off;
-  client_body_temp_path {{dir}}/body;
-  proxy_temp_path {{dir}}/proxy;
-  fastcgi_temp_path {{dir}}/fastcgi;
-  uwsgi_temp_path {{dir}}/uwsgi;
-  scgi_temp_path {{dir}}/scgi;
   server {
     listen {{listen}};
 
@@ -66,12 +54,11 @@ http {
       proxy_set_header {{fam}}-Host   $host;
     }
   }
-}
 `
 
-// nginxStaticConf is an upstream that serves files the way nginx does:
-// it decodes the path (%2F included) and resolves dot segments.
-const nginxStaticConf = `
+// nginxMain wraps a server block of the configs above in what every test
+// nginx needs: in the foreground, its files in the test's directory.
+const nginxMain = `
 daemon off;
 worker_processes 1;
 pid {{dir}}/nginx.pid;
@@ -84,11 +71,16 @@ http {
   fastcgi_temp_path {{dir}}/fastcgi;
   uwsgi_temp_path {{dir}}/uwsgi;
   scgi_temp_path {{dir}}/scgi;
+{{server}}}
+`
+
+// nginxStaticConf is an upstream that serves files the way nginx does:
+// it decodes the path (%2F included) and resolves dot segments.
+const nginxStaticConf = `
   server {
     listen {{listen}};
     root {{root}};
   }
-}
 `
 
 // startNginx runs nginx with nginxConf in front of upstream.
@@ -97,9 +89,9 @@ func startNginx(t *testing.T, fam, extauthzHTTP, upstream string) string {
 	return runNginx(t, nginxConf, "{{fam}}", fam, "{{upstream}}", upstream, "{{extauthz}}", extauthzHTTP)
 }
 
-// runNginx runs nginx in the foreground with conf, its {{dir}} and
-// {{listen}} filled in and the other pairs replaced; it returns the
-// address nginx listens on.
+// runNginx runs nginx in the foreground with the server block conf in
+// nginxMain, its {{dir}} and {{listen}} filled in and the other pairs
+// replaced; it returns the address nginx listens on.
 func runNginx(t *testing.T, conf string, replace ...string) string {
 	t.Helper()
 	bin, err := exec.LookPath("nginx")
@@ -118,6 +110,7 @@ func runNginx(t *testing.T, conf string, replace ...string) string {
 	}
 	dir := t.TempDir()
 	addr := freeLoopbackAddr(t)
+	conf = strings.Replace(nginxMain, "{{server}}", conf, 1)
 	conf = strings.NewReplacer(append([]string{"{{dir}}", dir, "{{listen}}", addr}, replace...)...).Replace(conf)
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o644); err != nil {
